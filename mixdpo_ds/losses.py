@@ -272,6 +272,8 @@ def mixdpo_loss(
     log_sigma = bt_loglik(corrected)  # (B, K)
 
     if mode == "exact" or resp is not None:
+        if resp is not None and resp.shape != (B, K):
+            raise ValueError(f"resp must have shape (B, K) = ({B}, {K}), got {tuple(resp.shape)}")
         if resp is None:
             resp = e_step(log_w, log_sigma, estep.lambda_w, estep.lambda_ent, estep.lambda_conf, estep.lambda_unif)
         resp = _fp(resp).detach()

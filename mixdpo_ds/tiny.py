@@ -15,7 +15,7 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -40,7 +40,9 @@ DEFAULT_TEXTS = [
 ]
 
 
-def build_tiny_tokenizer(out_dir: str, texts: list[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    out_dir: str, texts: list[str] | None = None, vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` (default: a few built-in sentences), save it to `out_dir`
     and return it loaded back with `AutoTokenizer.from_pretrained`.
 
@@ -77,6 +79,9 @@ def build_tiny_model(
 
     The same seed gives bit-identical weights, so tests can rebuild a model instead of copying one.
     """
+    # imported here: the model stack costs seconds to import, and tokenizer-only users (data tests) skip it
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

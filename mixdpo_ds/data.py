@@ -1,0 +1,384 @@
+"""Preference data (SPEC §4): load, check, tokenise, split, batch and collate.
+
+    cfg = DataConfig(path="tests/data/hh_rlhf_relabeled_sample.jsonl", group_column="objective", eval_fraction=0.1)
+    data = load_preference_data(cfg, tokenizer)        # PreferenceData(train, eval, skipped, vocabs, fingerprint)
+    for examples in batches(data.train, batch_size=8, seed=0, epoch=0, start=0):
+        batch = collate(examples, tokenizer.pad_token_id)    # docs/ARCHITECTURE.md "Batch"
+
+Sources go through `datasets.load_dataset`: a hub name, a local .json/.jsonl/.csv/.parquet file (optionally
+.gz), or a local directory (the `datasets` folder loader, which infers splits from file names). Row rules
+(HH-RLHF transcripts, chat templates, truncation) live in `mixdpo_ds.data_rows`.
+
+Prompt and response are tokenised separately and concatenated: tokenising the joined text would let BPE
+merge across the boundary (e.g. "Assistant:" + " Sure" → ": S"…), and then no token position separates
+prompt from response exactly, and chosen and rejected would not share one prompt tokenisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from mixdpo_ds.data_rows import BadRow, row_texts, truncate_pair
+
+_FORMAT_VERSION = 1  # bump when tokenisation rules change: invalidates reference-logp caches
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
+_CHUNK = 512
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default="", metadata={"help": "hub dataset name, a local .json/.jsonl/.csv/.parquet file "
+                                                    "(optionally .gz), or a local directory of them"})
+    split: str = field(default="train", metadata={"help": "split of `path` to train on (local files: 'train'; "
+                                                          "slices like 'train[:1000]' work)"})
+    eval_path: str | None = field(default=None, metadata={"help": "separate evaluation source (same forms as path)"})
+    eval_split: str | None = field(default=None, metadata={"help": "evaluation split (of eval_path, else of path); "
+                                                                   "default 'train' when eval_path is set"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of `path` for evaluation, "
+                                                                "by a seeded shuffle (exclusive with eval_path/split)"})
+    prompt_column: str | None = field(default="prompt", metadata={
+        "help": "prompt column; if the default 'prompt' is absent (or this is null) the prompt is derived from "
+                "chosen/rejected (HH-RLHF transcripts / shared chat messages)"})
+    chosen_column: str = field(default="chosen", metadata={"help": "preferred response (string or message list)"})
+    rejected_column: str = field(default="rejected", metadata={"help": "dispreferred response"})
+    user_column: str | None = field(default="user", metadata={
+        "help": "optional user id (str/int) for user-conditioned gating; absent default column → -1"})
+    group_column: str | None = field(default="group", metadata={
+        "help": "optional ground-truth group label, used only by evaluation (HH relabeled data: 'objective')"})
+    max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response"})
+    max_prompt_length: int = field(default=256, metadata={
+        "help": "prompts keep their last this many tokens; < max_length keeps >= 1 response token, == max_length "
+                "turns a prompt that fills the budget into a bad row instead"})
+    on_bad_row: str = field(default="error", metadata={"help": "'error': stop at the first bad row; "
+                                                               "'skip': drop bad rows and count them by reason"})
+    max_rows: int | None = field(default=None, metadata={"help": "use a seeded random subset of this many rows "
+                                                                 "of `path` (quick runs)"})
+    seed: int = field(default=0, metadata={"help": "seed of the max_rows subset and the eval_fraction split"})
+
+    def __post_init__(self):
+        # An empty path is allowed here (a run config may hold a default DataConfig); load_preference_data
+        # rejects it.
+        if not isinstance(self.path, str):
+            raise ValueError(f"data.path={self.path!r}: must be a hub dataset name, a local file or a directory")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row={self.on_bad_row!r}: allowed values are 'error', 'skip'")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction}: must be in [0, 1)")
+        if self.eval_fraction > 0 and (self.eval_path is not None or self.eval_split is not None):
+            raise ValueError("data.eval_fraction > 0 holds out part of data.path; it cannot be combined with "
+                             "data.eval_path / data.eval_split (set one or the other)")
+        if not (isinstance(self.max_length, int) and self.max_length >= 2):
+            raise ValueError(f"data.max_length={self.max_length}: must be an integer >= 2")
+        if not (isinstance(self.max_prompt_length, int) and 1 <= self.max_prompt_length <= self.max_length):
+            raise ValueError(f"data.max_prompt_length={self.max_prompt_length}: must be an integer in "
+                             f"[1, data.max_length={self.max_length}]")
+        if self.max_rows is not None and not (isinstance(self.max_rows, int) and self.max_rows >= 1):
+            raise ValueError(f"data.max_rows={self.max_rows}: must be null or an integer >= 1")
+        for key in ("chosen_column", "rejected_column"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: must be a column name")
+        names = [c for c in (self.prompt_column, self.chosen_column, self.rejected_column, self.user_column,
+                             self.group_column) if c is not None]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.*_column: the columns must be distinct, got {names}")
+
+
+@dataclass
+class PreferenceData:
+    train: list[dict]  # tokenised examples: prompt_ids, chosen_ids, rejected_ids, user, group, index
+    eval: list[dict]
+    skipped: dict[str, int]  # bad rows dropped (on_bad_row=skip), by reason, train and eval together
+    user_vocab: dict[str, int]  # str(user value) -> id
+    group_vocab: dict[str, int]  # str(group label) -> id
+    fingerprint: str  # hash of sources + tokenisation settings: key of the reference-logp cache
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _local_builder(path: str) -> str | None:
+    name = path.lower()
+    for ext in _COMPRESSION:
+        name = name.removesuffix(ext)
+    return _BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _load_source(path: str, split: str, key: str):
+    """-> (datasets.Dataset, label for messages, fingerprint of the source)."""
+    import datasets  # heavy import, only when loading
+
+    label = f"data.{key}={path}"
+    if not path:
+        raise ValueError(f"data.{key} is not set: give a hub dataset name, a local file or a directory")
+    path = os.path.expanduser(path)
+    try:
+        if os.path.isfile(path):
+            builder = _local_builder(path)
+            if builder is None:
+                raise ValueError(f"{label}: unknown file type; allowed: .json, .jsonl, .csv, .parquet "
+                                 f"(optionally compressed: {', '.join(_COMPRESSION)})")
+            ds = datasets.load_dataset(builder, data_files={"train": [path]}, split=split)
+            source_fp = _hash_files([path], None)  # content only: a copy keeps its cache
+        elif os.path.isdir(path):
+            ds = datasets.load_dataset(path, split=split)
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+            source_fp = _hash_files(files, path)
+        elif path.startswith((".", "/", "~")) or _local_builder(path) is not None:
+            raise FileNotFoundError(f"{label}: no such file or directory")
+        else:
+            ds = datasets.load_dataset(path, split=split)
+            source_fp = f"hub:{path}:{ds._fingerprint}"
+    except (ValueError, KeyError) as e:
+        if str(e).startswith(label):
+            raise
+        raise ValueError(f"{label} (split {split!r}) could not be loaded: {e}") from e
+    if split != "train":
+        label += f" (split {split})"
+    return ds, label, f"{source_fp}:{split}"
+
+
+def _hash_files(files: list[str], root: str | None) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        if root is not None:  # in a directory, file names decide splits
+            h.update(os.path.relpath(f, root).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _columns(ds, cfg: DataConfig, label: str) -> dict[str, str | None]:
+    """Role → column name (None: optional column not used). Missing required columns are errors in both
+    on_bad_row modes; an optional column is silently absent only under its default name."""
+    defaults = {f.name: f.default for f in DataConfig.__dataclass_fields__.values()}
+    cols = {}
+    for role in ("prompt", "chosen", "rejected", "user", "group"):
+        key = f"{role}_column"
+        name = getattr(cfg, key)
+        if name is not None and name not in ds.column_names:
+            if role in ("chosen", "rejected") or name != defaults[key]:
+                raise ValueError(f"{label}: column {name!r} (data.{key}) not found; columns: {ds.column_names}")
+            name = None
+        cols[role] = name
+    return cols
+
+
+def _word(value) -> str | None:
+    """A user/group value as a vocabulary key. CSV readers turn an int column with gaps into floats (7 → 7.0,
+    gap → NaN): integral floats map back to "7" and NaN to None, so every file format gives one vocabulary."""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return None
+        if value.is_integer():
+            return str(int(value))
+    return None if value is None else str(value)
+
+
+def _vocab(values) -> dict[str, int]:
+    """Sorted distinct values (numbers numerically) → 0..n-1; None is 'no value' (-1), not a word."""
+    words = {_word(v) for v in values} - {None}
+    for v in values:
+        if isinstance(v, (list, dict)):
+            raise ValueError(f"user/group values must be ids or labels (str or int), got a {type(v).__name__}; "
+                             "user feature vectors are not supported")
+
+    def key(w: str):
+        try:
+            return (0, float(w), w)
+        except ValueError:
+            return (1, 0.0, w)
+    return {w: i for i, w in enumerate(sorted(words, key=key))}
+
+
+# ------------------------------------------------------------------------------------------ tokenising
+class _Encoder:
+    """Batched tokenisation with the tokenizer's own special prefix (e.g. BOS) kept on the prompt."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        at = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
+        self.prefix = list(with_special[:at])  # BOS for Llama-style tokenizers, [] for GPT-2
+        self.eos = tokenizer.eos_token_id
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: we truncate ourselves, the "longer than model_max_length" warning does not apply
+        out = self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        return [list(ids) for ids in out]
+
+    def prompts(self, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+        # A rendered chat template already carries its BOS as text.
+        return [ids if chat else self.prefix + ids for ids, chat in zip(self.encode(texts), is_chat, strict=True)]
+
+    def responses(self, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+        # Chat templates end a turn themselves (often with EOS): add EOS only if the template did not.
+        out = self.encode(texts)
+        if self.eos is not None:
+            for ids, chat in zip(out, is_chat, strict=True):
+                if not (chat and self.eos in ids) and (not ids or ids[-1] != self.eos):
+                    ids.append(self.eos)
+        return out
+
+
+def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder, label: str,
+                   vocabs: dict[str, dict[str, int]], skipped: Counter) -> list[dict]:
+    """Rows `indices` of `ds` → tokenised examples; bad rows raise ValueError or are counted in `skipped`."""
+    used = [c for c in cols.values() if c is not None]
+    sub = ds.select_columns(used)
+    examples = []
+    for start in range(0, len(indices), _CHUNK):
+        chunk_idx = indices[start:start + _CHUNK]
+        chunk = sub.select(chunk_idx)[:]  # dict of lists
+        texts, meta = [], []
+        for j, index in enumerate(chunk_idx):
+            row = {role: (chunk[c][j] if c is not None else None) for role, c in cols.items()}
+            try:
+                texts.append(row_texts(enc.tok, row["prompt"], row["chosen"], row["rejected"], cols["prompt"]))
+            except BadRow as bad:
+                _bad(bad, label, index, cfg, skipped)
+                continue
+            meta.append((index, row["user"], row["group"]))
+        if not texts:
+            continue
+        is_chat = [t[3] for t in texts]
+        prompts = enc.prompts([t[0] for t in texts], is_chat)
+        chosen = enc.responses([t[1] for t in texts], is_chat)
+        rejected = enc.responses([t[2] for t in texts], is_chat)
+        for p, c, r, (index, user, group) in zip(prompts, chosen, rejected, meta, strict=True):
+            try:
+                if not p:
+                    raise BadRow("empty_prompt", "the prompt is empty (no tokens)")
+                p, c, r = truncate_pair(p, c, r, cfg.max_length, cfg.max_prompt_length, keep_prefix=len(enc.prefix))
+            except BadRow as bad:
+                _bad(bad, label, index, cfg, skipped)
+                continue
+            examples.append({
+                "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "index": index,
+                "user": vocabs["user"].get(_word(user), -1),
+                "group": vocabs["group"].get(_word(group), -1),
+            })
+    return examples
+
+
+def _bad(bad: BadRow, label: str, index: int, cfg: DataConfig, skipped: Counter) -> None:
+    if cfg.on_bad_row == "error":
+        raise ValueError(f"{label} row {index}: {bad.message} [{bad.reason}; set data.on_bad_row=skip to drop "
+                         "such rows]") from None
+    skipped[bad.reason] += 1
+
+
+# ---------------------------------------------------------------------------------------------- public
+def load_preference_data(cfg: DataConfig, tokenizer) -> PreferenceData:
+    """Load, check and tokenise `cfg.path` (and the eval source) into a PreferenceData."""
+    ds, label, source_fp = _load_source(cfg.path, cfg.split, "path")
+    cols = _columns(ds, cfg, label)
+    rows = list(range(len(ds)))
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        # a random subset, not the first rows: sources are often sorted by topic or annotator group
+        rows = sorted(np.random.default_rng([cfg.seed, 1]).permutation(len(rows))[:cfg.max_rows].tolist())
+    sources = [(ds, label, cols, rows)]
+    train_rows, eval_rows = rows, []
+    if cfg.eval_fraction > 0:
+        n_eval = int(round(cfg.eval_fraction * len(rows)))
+        if not 1 <= n_eval < len(rows):
+            raise ValueError(f"data.eval_fraction={cfg.eval_fraction} of {len(rows)} rows leaves an empty split")
+        perm = np.random.default_rng([cfg.seed, 2]).permutation(len(rows))
+        held = set(perm[:n_eval].tolist())
+        train_rows = [r for i, r in enumerate(rows) if i not in held]
+        eval_rows = [r for i, r in enumerate(rows) if i in held]
+        sources = [(ds, label, cols, train_rows), (ds, label, cols, eval_rows)]
+    elif cfg.eval_path is not None or cfg.eval_split is not None:
+        eds, elabel, efp = _load_source(cfg.eval_path or cfg.path, cfg.eval_split or "train",
+                                        "eval_path" if cfg.eval_path else "path")
+        source_fp += "|" + efp
+        sources.append((eds, elabel, _columns(eds, cfg, elabel), list(range(len(eds)))))
+
+    vocabs = {}
+    for role in ("user", "group"):
+        values = [v for d, _, c, _ in sources if c[role] is not None for v in d[c[role]]]
+        vocabs[role] = _vocab(values)
+    enc, skipped = _Encoder(tokenizer), Counter()
+    splits = [_tokenise_rows(d, r, c, cfg, enc, lab, vocabs, skipped) for d, lab, c, r in sources]
+    train, evals = splits[0], (splits[1] if len(splits) > 1 else [])
+    if not train:
+        raise ValueError(f"{label}: no usable rows (skipped: {dict(skipped)})")
+    return PreferenceData(train=train, eval=evals, skipped=dict(skipped), user_vocab=vocabs["user"],
+                          group_vocab=vocabs["group"], fingerprint=_fingerprint(cfg, source_fp, enc))
+
+
+def _fingerprint(cfg: DataConfig, source_fp: str, enc: _Encoder) -> str:
+    tok = enc.tok
+    backend = getattr(tok, "backend_tokenizer", None)
+    tok_id = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else tok.name_or_path
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("path", "eval_path", "on_bad_row")}
+    blob = json.dumps({"v": _FORMAT_VERSION, "source": source_fp, "cfg": settings, "tok": tok_id,
+                       "chat": getattr(tok, "chat_template", None), "prefix": enc.prefix, "eos": enc.eos,
+                       "on_bad_row": cfg.on_bad_row}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B tokenised examples → the model batch (docs/ARCHITECTURE.md "Batch").
+
+    input_ids, attention_mask, labels: (2B, T), T = longest prompt + response; rows 0..B-1 are
+    prompt + chosen, rows B..2B-1 prompt + rejected, right-padded with `pad_token_id`; labels are the ids on
+    response tokens and -100 on prompt and padding. prompt_last_index: (2B,) position of the last prompt
+    token. user_ids, group_ids, index: (B,) long. ref_logps: (B, 2) float32, only if every example has it.
+    """
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad_token_id (set tokenizer.pad_token, e.g. to the eos token)")
+    pairs = [(ex["prompt_ids"], ex["chosen_ids"]) for ex in examples]
+    pairs += [(ex["prompt_ids"], ex["rejected_ids"]) for ex in examples]
+    T = max(len(p) + len(y) for p, y in pairs)
+    ids, mask, labels = [], [], []
+    for p, y in pairs:
+        pad = T - len(p) - len(y)
+        ids.append(p + y + [pad_token_id] * pad)
+        mask.append([1] * (len(p) + len(y)) + [0] * pad)
+        labels.append([-100] * len(p) + y + [-100] * pad)
+    batch = {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.tensor(mask, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "prompt_last_index": torch.tensor([len(p) - 1 for p, _ in pairs], dtype=torch.long),
+        "user_ids": torch.tensor([ex["user"] for ex in examples], dtype=torch.long),
+        "group_ids": torch.tensor([ex["group"] for ex in examples], dtype=torch.long),
+        "index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long),
+    }
+    if all("ref_logps" in ex for ex in examples):
+        batch["ref_logps"] = torch.tensor([ex["ref_logps"] for ex in examples], dtype=torch.float32)
+    return batch
+
+
+def num_batches(n_examples: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+    """Batches per epoch per rank that `batches` yields."""
+    step = batch_size * world_size
+    return n_examples // step if drop_last else -(-n_examples // step)
+
+
+def batches(data: list[dict], batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+            world_size: int = 1, drop_last: bool = True) -> Iterator[list[dict]]:
+    """Deterministic shuffled batches of `data` for one epoch, resumable: `start` skips that many batches.
+
+    The permutation depends only on (seed, epoch, len(data)); global step s takes permutation positions
+    [s·bs·W, (s+1)·bs·W) and rank r the r-th block of `batch_size` inside it, so every rank sees a distinct
+    shard and resuming at step `start` continues exactly where an uninterrupted run would be.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batches: need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, "
+                         f"{rank}, {world_size}")
+    if not drop_last and world_size > 1:
+        raise ValueError("batches: drop_last=False would give ranks unequal batch counts; use drop_last=True")
+    perm = np.random.default_rng([seed, epoch]).permutation(len(data))
+    step = batch_size * world_size
+    for s in range(start, num_batches(len(data), batch_size, world_size, drop_last)):
+        lo = s * step + rank * batch_size
+        yield [data[i] for i in perm[lo:lo + batch_size]]

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny local tokenizer and a tiny GPT-2 directory (session-scoped, built once).
+
+`tiny_tokenizer`: byte-level BPE `PreTrainedTokenizerFast` loaded with `AutoTokenizer.from_pretrained`;
+pad `<pad>` (0), eos/bos `<eos>` (1), unk `<unk>` (2), and a chat template (see `mixdpo_ds.tiny`).
+`tiny_gpt2_dir`: a directory with a seeded 2-layer GPT-2 (n_embd 32, n_head 2, n_positions 128) and the
+tokenizer, loadable with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+"""
+from pathlib import Path
+
+import pytest
+
+from mixdpo_ds.tiny import build_tiny_model, build_tiny_tokenizer
+
+TEST_DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def test_data_dir() -> Path:
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_gpt2")), tiny_tokenizer, n_layer=2, n_embd=32, seed=0)

@@ -1,0 +1,91 @@
+"""Fused kernels of mixdpo-ds (installed as `mixdpo_ds.kernels`; SPEC §3).
+
+    expert_logprobs(hidden (N, H), heads (K, V, H), targets (N,), impl=..., chunk_size=None) -> (N, K) fp32
+    mbt_loss(policy_logps (B, 2, K), ref_logps, log_w, beta, ..., impl=...) -> MixDPOOutput
+
+impl: "naive" (materialise, plain autograd; the reference), "chunked" (PyTorch, bounded memory; the CPU
+default), "triton" (GPU kernels; on CPU only under TRITON_INTERPRET=1). `default_impl(device)` picks one.
+
+The Triton modules are imported on first use, not here: `@triton.jit` decides between compiler and
+interpreter when the decorator runs, so TRITON_INTERPRET must be set before they are imported.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .chunked import expert_logprobs_chunked
+from .naive import IGNORE_INDEX, expert_logprobs_naive, mbt_loss_naive
+
+IMPLS = ("naive", "chunked", "triton")
+
+__all__ = ["IGNORE_INDEX", "IMPLS", "default_impl", "expert_logprobs", "mbt_loss", "triton_module"]
+
+
+def default_impl(device: torch.device | str) -> str:
+    """"triton" on CUDA devices, "chunked" elsewhere."""
+    return "triton" if torch.device(device).type == "cuda" else "chunked"
+
+
+def triton_module(name: str):
+    """Import `mixdpo_ds.kernels.<name>` (a Triton kernel file) on first use.
+
+    The import binds the submodule over this package's public function of the same name
+    (`expert_logprobs`, `mbt_loss`); put the function back so `from mixdpo_ds.kernels import X` stays X.
+    """
+    public = globals().get(name)
+    module = importlib.import_module(f"{__name__}.{name}")
+    if public is not None:
+        globals()[name] = public
+    return module
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    return impl
+
+
+def _check_expert_inputs(hidden: torch.Tensor, heads: torch.Tensor, targets: torch.Tensor) -> None:
+    if hidden.dim() != 2 or heads.dim() != 3 or heads.shape[2] != hidden.shape[1]:
+        raise ValueError(f"expected hidden (N, H) and heads (K, V, H), got {tuple(hidden.shape)} and "
+                         f"{tuple(heads.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.dtype != torch.long:
+        raise ValueError(f"targets must be a long tensor of shape (N,) = ({hidden.shape[0]},), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if not (hidden.is_floating_point() and heads.is_floating_point()):
+        raise ValueError(f"hidden and heads must be floating point, got {hidden.dtype} and {heads.dtype}")
+
+
+def expert_logprobs(
+    hidden: torch.Tensor, heads: torch.Tensor, targets: torch.Tensor, impl: str = "chunked",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs of K expert LM heads without (by default) materialising (N, K, V) logits.
+
+    logp[n, k] = log_softmax_v(heads[k] @ hidden[n])[targets[n]];  0 (and no gradient) where targets == -100.
+
+    Args:
+        hidden: (N, H) trunk hidden states of the response tokens; fp32 / bf16 / fp16.
+        heads: (K, V, H) stacked expert LM-head weights (bias-free, as HF LM heads).
+        targets: (N,) long next-token ids in [0, V), or -100 (ignored).
+        impl: "naive" | "chunked" | "triton" (see `default_impl`).
+        chunk_size: tokens per logits tile ("chunked" only; see `kernels/chunked.py` for the memory bound).
+    Returns:
+        (N, K) fp32 log-probs (all math in fp32); gradients reach hidden and heads in their own dtypes.
+    """
+    _check_expert_inputs(hidden, heads, targets)
+    if _check_impl(impl) == "naive":
+        return expert_logprobs_naive(hidden, heads, targets, chunk_size)
+    if impl == "chunked":
+        return expert_logprobs_chunked(hidden, heads, targets, chunk_size)
+    return triton_module("expert_logprobs").expert_logprobs_triton(hidden, heads, targets, chunk_size)
+
+
+def mbt_loss(*args, impl: str = "naive", **kwargs):
+    """`mixdpo_ds.losses.mixdpo_loss` (same arguments, same `MixDPOOutput`), with impl="triton" for the fused
+    forward+backward of `kernels/mbt_loss.py`. "chunked" and "naive" are the PyTorch version (it is O(B·K))."""
+    if _check_impl(impl) == "triton":
+        return triton_module("mbt_loss").mbt_loss_triton(*args, **kwargs)
+    return mbt_loss_naive(*args, **kwargs)

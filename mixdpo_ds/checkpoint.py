@@ -1,0 +1,158 @@
+"""Atomic checkpoints: DeepSpeed engine state + trainer state, a `latest` pointer, rotation.
+
+Layout of `output_dir/checkpoints/`:
+
+    step_{N}/engine/...           engine.save_checkpoint(step_{N}, tag="engine") (model, optimizer, lr schedule)
+    step_{N}/trainer_state.pt     step, data position, gate + gate optimizer, schedule position, RNG states
+    latest                        text file: "step_{N}"
+
+A save goes to `.tmp_step_{N}` first; only when every rank has written its files does rank 0 rename it
+to `step_{N}` (os.replace is atomic on one filesystem) and then rewrite `latest` through a temporary
+file + os.replace. A crash at any point leaves the previous checkpoint and its `latest` pointer intact;
+a stale `.tmp_*` directory is ignored and removed by the next save.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ENGINE_TAG = "engine"
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and, when present, CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / ENGINE_TAG).is_dir()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), sorted by step."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Save engine + trainer state as `checkpoints/step_{step}` atomically; every rank must call it.
+    Returns the final path. `keep_last` > 0 deletes all but the newest `keep_last` checkpoints."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp_step_{step}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    if _rank() == 0:
+        torch.save(trainer_state, tmp / STATE_FILE)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, final.name)
+        if keep_last > 0:
+            for _, old in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The checkpoint named by `latest` if it is complete, else the newest complete one, else None."""
+    root = checkpoints_dir(output_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        p = root / pointer.read_text().strip()
+        if is_complete(p):
+            return p
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """`train.resume_from` -> a checkpoint directory or None (fresh start).
+
+    "auto": the latest checkpoint in output_dir, or None when there is none. A path may point at a
+    `step_N` directory or at a run / checkpoints directory (its latest checkpoint is used).
+    """
+    if resume_from is None:
+        return None
+    if resume_from == "auto":
+        return find_latest(output_dir)
+    p = Path(resume_from)
+    if is_complete(p):
+        return p
+    for base in (p, p.parent):
+        found = find_latest(base) if base.name != "checkpoints" else find_latest(base.parent)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"train.resume_from={resume_from!r}: no complete checkpoint there "
+                            f"(a step_N directory with {STATE_FILE} and {ENGINE_TAG}/, or a run directory)")
+
+
+def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
+    """Load engine state (model, optimizer, lr schedule) from `path` and return the trainer state."""
+    path = Path(path)
+    load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the engine checkpoint in {path / ENGINE_TAG}")
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)

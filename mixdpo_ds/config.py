@@ -1,0 +1,266 @@
+"""The run configuration: one dataclass composing the per-module configs.
+
+Precedence: dataclass defaults ← YAML file ← `a.b=c` command-line overrides (values parsed with
+`yaml.safe_load`, so `train.lr=1e-5`, `experts.lr_experts=[1e-4,2e-4]`, `train.resume_from=null` work).
+Unknown keys are errors that name the key and the allowed keys. `to_yaml()` writes the fully resolved
+config, which is what a run directory keeps as `config.yaml` and what `evaluate` / `generate` reload.
+
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=4", "experts.num_experts=2"])
+    print(cfg.to_yaml())
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixdpo_ds.data import DataConfig
+from mixdpo_ds.em import EMConfig
+from mixdpo_ds.experts import ExpertsConfig
+from mixdpo_ds.gating import GateConfig
+
+DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+REFERENCE_MODES = ("model", "precompute")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model: the policy is initialised from it and, by default, it is the reference."""
+
+    name_or_path: str = field(default="", metadata={"help": "Hugging Face model name or local directory."})
+    dtype: str = field(default="fp32", metadata={"help": f"Model weights dtype, one of {list(DTYPES)}; the loss "
+                                                        "math is fp32 either way."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer name or path; default: name_or_path."})
+
+    def __post_init__(self):
+        _check_choice("model.dtype", self.dtype, DTYPES)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path
+
+
+@dataclass
+class LossConfig:
+    """DPO temperature. (Label smoothing, λ's and the posterior correction live in `em`.)"""
+
+    beta: float = field(default=0.1, metadata={"help": "β of the implicit reward h = β (log π − log π_ref); an E.1 "
+                                                       "phase may override it."})
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"loss.beta must be > 0, got {self.beta!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging, checkpointing and reference handling of one run."""
+
+    output_dir: str = field(default="runs/mixdpo", metadata={"help": "Run directory (config, metrics, checkpoints, "
+                                                                     "export, plots)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = derive from `epochs`."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training set when max_steps = -1."})
+    micro_batch_size: int = field(default=4, metadata={"help": "Preference pairs per rank per micro step."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro steps per optimizer step."})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "Pairs per eval batch; default micro_batch."})
+    lr: float = field(default=1e-4, metadata={"help": "Base learning rate (experts.lr_trunk / lr_experts override "
+                                                      "per group). Heads on a frozen trunk specialise at small lr."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear lr warm-up steps."})
+    lr_schedule: str = field(default="constant", metadata={"help": f"After warm-up, one of {list(LR_SCHEDULES)}."})
+    gradient_clipping: float | None = field(default=None, metadata={"help": "Overrides the engine JSON's "
+                                                                            "gradient_clipping (0 = off)."})
+    seed: int = field(default=0, metadata={"help": "Seed of model init noise, data order, random warm-up, Gumbel."})
+    log_every: int = field(default=1, metadata={"help": "Steps between metrics.jsonl lines (means over the interval)."})
+    eval_every: int = field(default=0, metadata={"help": "Steps between evaluations; 0 = only at the end."})
+    save_every: int = field(default=0, metadata={"help": "Steps between checkpoints; 0 = only at the end."})
+    keep_last: int = field(default=2, metadata={"help": "Checkpoints kept (older ones are deleted); 0 = keep all."})
+    resume_from: str | None = field(default=None, metadata={"help": "Checkpoint dir, 'auto' (latest in output_dir, "
+                                                                     "fresh start if none) or null."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard events to output_dir/tb."})
+    progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0."})
+    reference: str = field(default="model", metadata={"help": f"One of {list(REFERENCE_MODES)}: frozen reference "
+                                                              "model each step, or log-probs precomputed and cached."})
+    reference_cache_dir: str | None = field(default=None, metadata={"help": "Cache dir for precomputed reference "
+                                                                            "log-probs; default output_dir/ref_cache."})
+    export: bool = field(default=True, metadata={"help": "Export each expert + gate to output_dir/export at the end."})
+    plots: bool = field(default=True, metadata={"help": "Write loss / responsibility plots at the end."})
+
+    def __post_init__(self):
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("train.reference", self.reference, REFERENCE_MODES)
+        for key in ("micro_batch_size", "grad_accum", "log_every"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("warmup_steps", "eval_every", "save_every", "keep_last"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"train.max_steps must be >= 1 or -1 (use epochs), got {self.max_steps!r}")
+        if self.max_steps == -1 and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be > 0 when train.max_steps = -1, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        if self.gradient_clipping is not None and self.gradient_clipping < 0:
+            raise ValueError(f"train.gradient_clipping must be >= 0 or null, got {self.gradient_clipping!r}")
+
+
+@dataclass
+class DeepSpeedSection:
+    """The DeepSpeed engine: a JSON in ds_configs/ (engine settings only) or an inline dict."""
+
+    config: Any = field(default="zero0", metadata={"help": "Path to a DeepSpeed JSON, a name in ds_configs/ "
+                                                          "(e.g. 'zero2'), or an inline dict. Batch keys are derived."})
+    zero_stage: int | None = field(default=None, metadata={"help": "Overrides zero_optimization.stage (0..3)."})
+
+    def __post_init__(self):
+        if self.zero_stage is not None:
+            _check_choice("deepspeed.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if not isinstance(self.config, (str, dict)):
+            raise ValueError(f"deepspeed.config must be a path, a ds_configs name or a dict, got {self.config!r}")
+
+
+# Section name -> dataclass. The order is the order of config.yaml.
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "experts": ExpertsConfig,
+    "gate": GateConfig,
+    "em": EMConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "deepspeed": DeepSpeedSection,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything one `mixdpo train` run needs; see the module docstring for precedence."""
+
+    model: ModelConfig
+    data: DataConfig
+    experts: ExpertsConfig
+    gate: GateConfig
+    em: EMConfig
+    loss: LossConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedSection
+
+    def __post_init__(self):
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required")
+        if self.experts.num_experts > 1 and self.gate.kind == "mix" and self.em.gate_update == "alternate":
+            raise ValueError("em.gate_update='alternate' needs gate.kind='moe' (the 'mix' gate is updated in "
+                             "closed form); allowed for gate.kind='mix': ['joint', 'frozen']")
+
+    def to_dict(self) -> dict:
+        return {name: _plain(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(path) + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        return text
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RunConfig:
+        _check_keys(raw, cls)
+        return cls(**{name: _build(SECTIONS[name], raw.get(name) or {}, name) for name in SECTIONS})
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists (yaml.safe_dump writes only plain types)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _nested_dataclass(f: dataclasses.Field) -> type | None:
+    """The dataclass type of a field whose default is a dataclass instance (e.g. em.estep), else None."""
+    if f.default_factory is not dataclasses.MISSING:
+        try:
+            value = f.default_factory()
+        except TypeError:
+            return None
+    else:
+        value = f.default
+    return type(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _check_keys(raw: Any, cls: type, prefix: str = "") -> None:
+    """Raise on keys of `raw` that `cls` (a dataclass, or RunConfig) does not have, recursing into
+    fields whose default is itself a dataclass."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    if cls is RunConfig:
+        allowed = {name: SECTIONS[name] for name in SECTIONS}
+    else:
+        allowed = {f.name: _nested_dataclass(f) for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in allowed:
+            raise ValueError(f"unknown config key {full!r}; allowed keys{' in ' + prefix[:-1] if prefix else ''}: "
+                             f"{sorted(allowed)}")
+        if allowed[key] is not None and isinstance(value, dict):
+            _check_keys(value, allowed[key], full + ".")
+
+
+def _build(cls: type, values: dict, section: str):
+    _check_keys(values, cls, section + ".")
+    return cls(**values)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["a.b=c", ...] -> nested dict {"a": {"b": yaml.safe_load("c")}}."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"override key {key!r} must be section.key (sections: {list(SECTIONS)})")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge: dicts merge key by key, anything else in `update` replaces."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults ← YAML at `path` ← overrides."""
+    raw: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: top level must be a mapping of sections {list(SECTIONS)}")
+        raw = loaded
+    raw = merge(raw, parse_overrides(overrides or []))
+    return RunConfig.from_dict(raw)

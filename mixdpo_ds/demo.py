@@ -1,0 +1,300 @@
+"""`mixdpo demo`: the paper's two experiments (§4.1 Mix-DPO, §4.2 MoE-DPO) in miniature, end to end on a CPU.
+
+    mixdpo demo                         # 3 seeds, report in ./mixdpo_report (≤ 5 min on 2 CPU cores)
+    mixdpo demo --out /tmp/r --seeds 1 --fast
+
+Per seed: synthetic review data with known annotator groups (`mixdpo_ds.datasets`) → SFT warm-up of a tiny GPT-2
+(`mixdpo_ds.sft`) → through the real trainer (`MixDPOTrainer`, DeepSpeed engine, one process reused for all runs):
+DPO (K=1) and Mix-DPO (K=3 heads) on the multi-reward task, DPO and MoE-DPO (K=2 heads, gate on the prompt) on
+the contextual task, with the same steps, batch and lr → `mixdpo_ds.evaluate.evaluate_run` on held-out pairs →
+samples from every expert scored by the annotators' reward functions → `report.md` + PNG figures
+(`mixdpo_ds.report`), with the Bayes ceilings of the data next to what the runs achieved.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from mixdpo_ds.datasets.annotators import ANNOTATORS
+from mixdpo_ds.datasets.ceilings import bayes_ceilings
+from mixdpo_ds.datasets.reviews import ReviewsConfig, read_jsonl, write_task
+from mixdpo_ds.datasets.tokenizer import build_review_tokenizer
+from mixdpo_ds.sft import SFTConfig, build_tiny_base, sample_responses
+
+log = logging.getLogger("mixdpo_ds")
+
+
+@dataclass
+class DemoConfig:
+    out: str = field(default="mixdpo_report", metadata={"help": "report folder"})
+    seeds: int = field(default=3, metadata={"help": "seeds (data, model, training); results are mean ± sd"})
+    fast: bool = field(default=False, metadata={"help": "fewer steps and pairs (the integration test)"})
+    num_train: int = field(default=2000, metadata={"help": "training pairs per task"})
+    num_test: int = field(default=400, metadata={"help": "held-out pairs per task"})
+    num_sft: int = field(default=2000, metadata={"help": "SFT rows per task"})
+    sft_steps: int = field(default=150, metadata={"help": "SFT warm-up steps"})
+    steps: int = field(default=200, metadata={"help": "DPO / Mix-DPO / MoE-DPO steps (the same for all)"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    lr: float = field(default=1e-2, metadata={"help": "lr of the expert heads (frozen trunk)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO β"})
+    init_noise: float = field(default=0.1, metadata={"help": "relative std of the noise on each head copy"})
+    warmup_random_steps: int = field(default=20, metadata={"help": "Dirichlet-random E-step warm-up steps"})
+    gate_lr: float = field(default=1e-2, metadata={"help": "MoE gate lr"})
+    n_embd: int = field(default=64, metadata={"help": "tiny GPT-2 width"})
+    n_layer: int = field(default=2, metadata={"help": "tiny GPT-2 depth"})
+    num_samples: int = field(default=200, metadata={"help": "held-out prompts sampled per model (Tables 1, 2)"})
+    progress_bar: bool = field(default=True, metadata={"help": "the trainer's tqdm bar"})
+
+    def __post_init__(self):
+        if self.seeds < 1:
+            raise ValueError(f"demo.seeds must be >= 1, got {self.seeds}")
+        if self.fast:
+            self.num_train, self.num_test, self.num_sft = 800, 200, 800
+            self.sft_steps, self.steps, self.num_samples = 60, 80, 80
+
+
+def _say(msg: str, t0: float) -> None:
+    print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+
+def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K: int, gate: str, seed: int):
+    """The RunConfig of one demo run: K heads on the frozen SFT trunk, everything else shared by all runs."""
+    from mixdpo_ds.config import RunConfig
+
+    return RunConfig.from_dict({
+        "model": {"name_or_path": base_dir},
+        "data": {"path": train_path, "max_length": 32, "max_prompt_length": 8},
+        "experts": {"kind": "heads", "num_experts": K, "trunk": "frozen", "logprob_impl": "naive",
+                    "init_noise": cfg.init_noise if K > 1 else 0.0},
+        "gate": {"kind": gate, "features": "prompt", "arch": "linear", "lr": cfg.gate_lr},
+        "em": {"mode": "exact", "posterior_correction": 1, "gate_update": "joint",
+               "warmup_random_steps": cfg.warmup_random_steps if K > 1 else 0},
+        "loss": {"beta": cfg.beta},
+        "train": {"output_dir": run_dir, "max_steps": cfg.steps, "micro_batch_size": cfg.batch_size,
+                  "lr": cfg.lr, "log_every": 10, "keep_last": 1, "progress_bar": cfg.progress_bar,
+                  "export": True, "plots": False, "seed": seed},
+        "deepspeed": {"config": "zero0"},
+    })
+
+
+def _record_responsibilities(trainer, trace: dict) -> None:
+    """Wrap this trainer instance's `loss_terms` to accumulate training-batch responsibilities per group and step
+    (the paper's Figures 1 and 3 log q_k per annotation style during training)."""
+    inner = trainer.loss_terms
+
+    def loss_terms(batch, step, *args, **kwargs):
+        res = inner(batch, step, *args, **kwargs)
+        if kwargs.get("split", "train") == "train":
+            groups, resp = batch["group_ids"].numpy(), res.resp.detach().float().cpu().numpy()
+            G, K = trace["G"], resp.shape[1]
+            sums, counts = np.zeros((G, K)), np.zeros(G)
+            for g in range(G):
+                sums[g] = resp[groups == g].sum(0)
+                counts[g] = (groups == g).sum()
+            trace["steps"].append(int(step))
+            trace["sums"].append(sums.tolist())
+            trace["counts"].append(counts.tolist())
+        return res
+
+    trainer.loss_terms = loss_terms
+
+
+def train_and_evaluate(cfg: DemoConfig, base_dir: str, paths: dict, run_dir: str, K: int, gate: str, seed: int,
+                       groups: list[str]) -> dict:
+    """One run through the real trainer + `evaluate_run` on the held-out pairs; returns per-pair rows + trace."""
+    from mixdpo_ds.evaluate import evaluate_run
+    from mixdpo_ds.trainer import MixDPOTrainer
+
+    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed))
+    trainer.setup()
+    trace = {"G": len(groups), "steps": [], "sums": [], "counts": [], "names": sorted(groups)}
+    _record_responsibilities(trainer, trace)
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    summary = evaluate_run(run_dir, paths["test"], os.path.join(run_dir, "eval.jsonl"), batch_size=100)
+    rows = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    return {"summary": summary, "rows": rows, "trace": trace}
+
+
+def held_out_metrics(rows: list[dict], groups: list[str], K: int) -> dict:
+    """Accuracies from evaluate's per-pair rows: mixture (p_mixture > 0.5) per group, every expert on every group,
+    the best-permutation expert↔group matching of argmax resp (recovery), each group's matched expert's accuracy
+    (routed), and the argmax-w routing confusion (MoE gate)."""
+    from mixdpo_ds.evaluate import recovery_accuracy
+
+    gidx = np.array([groups.index(r["group"]) for r in rows])
+    margins = np.array([r["margins"] for r in rows])  # (N, K)
+    w = np.array([r["w"] for r in rows])
+    pmix = np.array([r["p_mixture"] for r in rows])
+    hit = np.where(margins > 0, 1.0, np.where(margins < 0, 0.0, 0.5))  # (N, K)
+    mix_hit = np.where(pmix > 0.5, 1.0, np.where(pmix < 0.5, 0.0, 0.5))
+    G = len(groups)
+    rec = recovery_accuracy([r["expert"] for r in rows], gidx.tolist(), K, G)
+    route = recovery_accuracy(w.argmax(1).tolist(), gidx.tolist(), K, G)
+    out = {
+        "mixture": {"all": float(mix_hit.mean()),
+                    **{g: float(mix_hit[gidx == j].mean()) for j, g in enumerate(groups)}},
+        "expert_by_group": [[float(hit[gidx == j, k].mean()) for j in range(G)] for k in range(K)],
+        "recovery": rec["accuracy"],
+        "mapping": {groups[g]: k for g, k in rec["mapping"].items()},
+        "gate_routing": route["accuracy"],
+        "gate_confusion": [[int(((gidx == j) & (w.argmax(1) == k)).sum()) for k in range(K)] for j in range(G)],
+        "w_mean": w.mean(0).tolist(),
+    }
+    out["routed"] = {g: out["expert_by_group"][k][groups.index(g)] for g, k in out["mapping"].items()}
+    mapped = np.array([rec["mapping"].get(j, -1) for j in gidx])  # each pair's group's matched expert
+    ok = mapped >= 0
+    out["routed"]["all"] = float(hit[np.arange(len(rows))[ok], mapped[ok]].mean()) if ok.any() else float("nan")
+    # "top-1 routed": each pair judged by its argmax-w expert (MoE-DPO's hard routing)
+    top1 = hit[np.arange(len(rows)), w.argmax(1)]
+    out["top1"] = {"all": float(top1.mean()), **{g: float(top1[gidx == j].mean()) for j, g in enumerate(groups)}}
+    return out
+
+
+def _score(prompts: list[str], responses: list[str]) -> dict[str, float]:
+    return {name: float(np.mean([f(p, r) for p, r in zip(prompts, responses, strict=True)]))
+            for name, f in ANNOTATORS.items()}
+
+
+def _sample_experts(export_dir: str, K: int, tokenizer, prompts: list[str], seed: int) -> list[list[str]]:
+    from mixdpo_ds.export import load_expert
+
+    return [sample_responses(load_expert(export_dir, k), tokenizer, prompts, seed=seed + 17 * k) for k in range(K)]
+
+
+def _route(samples: list[list[str]], w: np.ndarray, rng: np.random.Generator, top1: bool = False) -> list[str]:
+    """Ancestral mixture sampling from per-expert samples: z_i ~ w_i (or argmax), then expert z_i's sample."""
+    z = w.argmax(1) if top1 else np.array([rng.choice(len(wi), p=wi / wi.sum()) for wi in w])
+    return [samples[k][i] for i, k in enumerate(z)]
+
+
+def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: dict, test: dict) -> dict:
+    """Table 1 (multi: mean annotator rewards of samples) and Table 2 (contextual: each domain's own reward)."""
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(seed)
+    n = cfg.num_samples
+    ref = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    out = {}
+    for task, (dpo, mix, K) in {"multi": ("dpo_multi", "mixdpo", 3), "contextual": ("dpo_ctx", "moedpo", 2)}.items():
+        rows = test[task][:n]
+        prompts = [r["prompt"] for r in rows]
+        w = np.array([r["w"] for r in sorted(runs[mix]["rows"], key=lambda r: r["index"])[:n]])
+        samples = {"reference (SFT)": sample_responses(ref, tokenizer, prompts, seed=seed),
+                   "DPO": _sample_experts(runs[dpo]["export"], 1, tokenizer, prompts, seed)[0]}
+        experts = _sample_experts(runs[mix]["export"], K, tokenizer, prompts, seed)
+        for k in range(K):
+            samples[f"expert {k}"] = experts[k]
+        samples["mixture (z ~ w)"] = _route(experts, w, rng)
+        if task == "contextual":
+            samples["mixture (top-1 w)"] = _route(experts, w, rng, top1=True)
+        if task == "multi":
+            out[task] = {name: _score(prompts, resp) for name, resp in samples.items()}
+        else:
+            out[task] = {name: _domain_scores(rows, resp, test["contextual_rewards"]) for name, resp in samples.items()}
+        out[task + "_examples"] = {name: resp[:3] for name, resp in samples.items()}
+        out[task + "_prompts"] = prompts[:3]
+    return out
+
+
+def _domain_scores(rows: list[dict], responses: list[str], rewards: dict) -> dict[str, float]:
+    """Contextual task: each prompt scored by its own domain's annotator reward (paper Table 2)."""
+    out = {}
+    for domain, name in rewards.items():
+        vals = [ANNOTATORS[name](r["prompt"], y) for r, y in zip(rows, responses, strict=True) if r["domain"] == domain]
+        out[f"{domain} ({name})"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def run_seed(cfg: DemoConfig, seed: int, tokenizer, t0: float) -> dict:
+    """Data → SFT → four runs → held-out metrics → samples, for one seed."""
+    root = os.path.join(cfg.out, "runs", f"seed_{seed}")
+    tasks, result = {}, {"seed": seed}
+    for task in ("multi", "contextual"):
+        rcfg = ReviewsConfig(task=task, num_train=cfg.num_train, num_test=cfg.num_test, num_sft=cfg.num_sft, seed=seed)
+        paths = write_task(rcfg, os.path.join(root, "data", task))
+        train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
+        tasks[task] = (rcfg, paths, test)
+        result[task] = {"groups": rcfg.groups(), "ceilings": bayes_ceilings(train, test, rcfg)}
+    _say(f"seed {seed}: data written; SFT warm-up ({cfg.sft_steps} steps)", t0)
+    sft_rows = read_jsonl(tasks["multi"][1]["sft"]) + read_jsonl(tasks["contextual"][1]["sft"])
+    base_dir, losses = build_tiny_base(os.path.join(root, "sft"), tokenizer, sft_rows,
+                                       SFTConfig(steps=cfg.sft_steps, seed=seed), n_layer=cfg.n_layer,
+                                       n_embd=cfg.n_embd, seed=seed)
+    result["sft_loss"] = [losses[0], losses[-1]]
+    runs = {}
+    plan = [("dpo_multi", "multi", 1, "mix"), ("mixdpo", "multi", 3, "mix"),
+            ("dpo_ctx", "contextual", 1, "mix"), ("moedpo", "contextual", 2, "moe")]
+    for name, task, K, gate in plan:
+        rcfg, paths, _ = tasks[task]
+        t1 = time.perf_counter()
+        _say(f"seed {seed}: {name} (K={K}, gate={gate}) {cfg.steps} steps", t0)
+        run_dir = os.path.join(root, name)
+        res = train_and_evaluate(cfg, base_dir, paths, run_dir, K, gate, seed, rcfg.groups())
+        res["export"] = os.path.join(run_dir, "export")
+        res["metrics"] = held_out_metrics(res["rows"], rcfg.groups(), K)
+        res["seconds"] = time.perf_counter() - t1
+        runs[name] = res
+        m = res["metrics"]
+        _say(f"seed {seed}: {name} held-out accuracy {m['mixture']['all']:.3f}, recovery {m['recovery']:.3f} "
+             f"({res['seconds']:.1f}s)", t0)
+    test = {"multi": tasks["multi"][2], "contextual": tasks["contextual"][2],
+            "contextual_rewards": tasks["contextual"][0].contextual_rewards}
+    result["samples"] = sample_tables(cfg, seed, tokenizer, base_dir, runs, test)
+    for name, res in runs.items():
+        result[name] = {"metrics": res["metrics"], "trace": res["trace"], "seconds": res["seconds"]}
+    _say(f"seed {seed}: samples scored", t0)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> DemoConfig:
+    p = argparse.ArgumentParser(prog="mixdpo demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(os.getcwd(), "mixdpo_report"), help="report folder")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (mean ± sd over them)")
+    p.add_argument("--fast", action="store_true", help="fewer steps and pairs (1 seed: ~1 minute)")
+    p.add_argument("--steps", type=int, default=None, help="override the training steps of every run")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    a = p.parse_args(argv)
+    cfg = DemoConfig(out=a.out, seeds=a.seeds, fast=a.fast, progress_bar=not a.no_progress)
+    if a.steps is not None:
+        cfg.steps = a.steps
+    return cfg
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "mixdpo_ds"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mixdpo demo`; returns 0."""
+    from mixdpo_ds.report import write_report
+
+    cfg = parse_args(argv)
+    t0 = time.perf_counter()
+    _quiet()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    os.makedirs(cfg.out, exist_ok=True)
+    tokenizer = build_review_tokenizer(os.path.join(cfg.out, "runs", "tokenizer"))
+    _say(f"{cfg.seeds} seed(s), {cfg.steps} steps per run, report in {cfg.out}", t0)
+    results = []
+    for seed in range(cfg.seeds):
+        results.append(run_seed(cfg, seed, tokenizer, t0))
+    elapsed = time.perf_counter() - t0
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "seconds": elapsed, "results": results}, f)
+    path = write_report(cfg.out, results, asdict(cfg), elapsed)
+    _say(f"done in {elapsed:.1f}s ({elapsed / 60:.2f} min); report: {path}", t0)
+    return 0

@@ -1,0 +1,172 @@
+"""`mixdpo evaluate`: per-pair posterior, gate weights, expert margins and mixture preference (SPEC §6).
+
+    mixdpo evaluate --run runs/tiny --data tests/data/hh_rlhf_relabeled_sample.jsonl --out runs/tiny/eval.jsonl
+
+Reads the run's resolved `config.yaml` and its `export/` (experts + gate), so it needs nothing from
+training but the run directory and the base model (the reference). Writes one JSON line per pair:
+
+    {"index", "group", "resp": [K] posterior q, "w": [K] gate weights, "margins": [K] expert margins Δ_k,
+     "p_mixture": P(chosen ≻ rejected) = Σ_k w_k sigmoid(Δ_k), "expert": argmax_k resp}
+
+and the summary `OUT.summary.json` (a `.jsonl` suffix of OUT is replaced: eval.jsonl → eval.summary.json):
+accuracy (p_mixture > 0.5), per-expert accuracies (Δ_k > 0), per-group accuracies
+and, when the data has a group column, the best-permutation recovery accuracy of argmax resp: the share of
+pairs whose argmax-resp expert is the one matched to their group under the best one-to-one matching of
+experts to groups (exhaustive over permutations when max(K, #groups) ≤ 8; otherwise scipy's Hungarian
+`linear_sum_assignment` when scipy is installed, else a greedy matching on the largest counts, which can
+under-report; `method` in the summary says which).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from mixdpo_ds.config import load_config
+from mixdpo_ds.data import collate, load_preference_data
+from mixdpo_ds.losses import mixdpo_loss
+from mixdpo_ds.trainer import MODEL_KEYS, as_pairs
+
+
+def best_matching(confusion: list[list[int]]) -> tuple[int, dict[int, int], str]:
+    """Max Σ confusion[k][g] over one-to-one matchings of rows k (experts) to columns g (groups).
+
+    Returns (matched count, {group: expert}, method). Exhaustive for max(K, G) ≤ 8 (8! = 40320 permutations).
+    """
+    K, G = len(confusion), len(confusion[0]) if confusion else 0
+    S = max(K, G)
+    C = [[confusion[k][g] if k < K and g < G else 0 for g in range(S)] for k in range(S)]  # square, zero-padded
+    if S <= 8:
+        best, perm = max((sum(C[p[g]][g] for g in range(S)), p) for p in itertools.permutations(range(S)))
+        method = "permutations"
+    else:
+        try:
+            from scipy.optimize import linear_sum_assignment
+
+            rows, cols = linear_sum_assignment(torch.tensor(C).numpy(), maximize=True)
+            perm = [0] * S
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+                perm[c] = r
+            best, method = sum(C[perm[g]][g] for g in range(S)), "hungarian"
+        except ImportError:
+            perm, used_k, used_g = [None] * S, set(), set()
+            for _count, k, g in sorted(((C[k][g], k, g) for k in range(S) for g in range(S)), reverse=True):
+                if k not in used_k and g not in used_g:
+                    perm[g] = k
+                    used_k.add(k)
+                    used_g.add(g)
+            best, method = sum(C[perm[g]][g] for g in range(S)), "greedy"
+    mapping = {g: perm[g] for g in range(G) if perm[g] < K}
+    return best, mapping, method
+
+
+def recovery_accuracy(expert: list[int], group: list[int], K: int, G: int) -> dict:
+    """Best-permutation accuracy of predicted experts against group ids (pairs with group -1 ignored)."""
+    pairs = [(e, g) for e, g in zip(expert, group, strict=True) if g >= 0]
+    confusion = [[0] * G for _ in range(K)]
+    for e, g in pairs:
+        confusion[e][g] += 1
+    matched, mapping, method = best_matching(confusion)
+    return {"accuracy": matched / max(1, len(pairs)), "n": len(pairs), "mapping": mapping, "method": method,
+            "confusion": confusion}
+
+
+def _load_run(run_dir: Path, device: torch.device):
+    from mixdpo_ds.export import load_compact, load_experts, load_export_gate
+
+    export = run_dir / "export"
+    if not export.is_dir():
+        raise FileNotFoundError(f"{export} not found: train with train.export=true first")
+    policy = load_compact(str(export)) if (export / "compact").is_dir() else load_experts(str(export))
+    gate, meta = load_export_gate(str(export))
+    return policy.to(device).eval(), (gate.to(device).eval() if gate is not None else None), meta or {}
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str | None = None, batch_size: int = 8,
+                 overrides: list[str] | None = None) -> dict:
+    """Write OUT (JSONL per pair) and OUT.summary.json; return the summary dict (plus `summary_path`)."""
+    from transformers import AutoTokenizer
+
+    from mixdpo_ds.reference import FrozenReference
+
+    run = Path(run_dir)
+    data_over = [f"data.path={data_path}", "data.eval_fraction=0.0", "data.eval_path=null", "data.eval_split=null",
+                 "data.split=train", "data.max_rows=null", "train.resume_from=null"]
+    if group_column is not None:
+        data_over.append(f"data.group_column={group_column}")
+    cfg = load_config(run / "config.yaml", data_over + list(overrides or []))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "export" / "expert_0"))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = load_preference_data(cfg.data, tokenizer)
+    policy, gate, meta = _load_run(run, device)
+    K = policy.num_experts
+    ex = cfg.experts
+    ref_paths = ex.init_paths if ex.kind == "models" and ex.init_paths else cfg.model.name_or_path
+    reference = FrozenReference(ref_paths, logprob_impl=ex.logprob_impl, chunk_size=ex.chunk_size).to(device)
+    phase = cfg.em.schedule(cfg.loss.beta).at(1.0)  # the weights in force at the end of training
+    beta = phase.beta if phase.beta is not None else cfg.loss.beta
+
+    # The gate's user ids are the training data's; map this file's users through their names.
+    train_users = (meta.get("user_vocab") or {})
+    user_map = {i: train_users.get(name, -1) for name, i in data.user_vocab.items()}
+    group_names = {i: name for name, i in data.group_vocab.items()}
+    rows, examples = [], data.train
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+        B = batch["index"].shape[0]
+        out = policy(**{k: batch[k].to(device) for k in MODEL_KEYS})  # logps (2B, K)
+        ref = as_pairs(reference.logps(batch).to(device), B)  # (B, 2) or (B, 2, K)
+        users = torch.tensor([user_map.get(int(u), -1) for u in batch["user_ids"]], device=device)
+        feats = out.prompt_features[:B].float() if out.prompt_features is not None else None
+        log_w = gate(feats, users, batch_size=B) if gate is not None else torch.full((B, K), -torch.log(
+            torch.tensor(float(K))).item(), device=device)
+        res = mixdpo_loss(as_pairs(out.logps, B), ref, log_w, beta, posterior_correction=cfg.em.posterior_correction,
+                          estep=phase.estep, mode="exact")
+        w = log_w.exp()  # (B, K)
+        p_mix = (w * torch.sigmoid(res.margins)).sum(-1)  # (B,) P_i = Σ_k w_ik σ(Δ_ik)
+        for i in range(B):
+            g = int(batch["group_ids"][i])
+            rows.append({"index": int(batch["index"][i]), "group": group_names.get(g) if g >= 0 else None,
+                         "group_id": g, "resp": res.resp[i].tolist(), "w": w[i].tolist(),
+                         "margins": res.margins[i].tolist(), "p_mixture": float(p_mix[i]),
+                         "loglik": float(res.loglik[i]), "expert": int(res.resp[i].argmax())})
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    summary = summarize(rows, K, group_names)
+    summary_path = out_path.with_name(out_path.name + ".summary.json") if out_path.suffix != ".jsonl" else \
+        out_path.with_suffix(".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return {**summary, "summary_path": str(summary_path)}
+
+
+def _accuracies(rows: list[dict], K: int) -> dict:
+    n = max(1, len(rows))
+    return {"n": len(rows), "accuracy": sum(r["p_mixture"] > 0.5 for r in rows) / n,
+            "expert_accuracy": [sum(r["margins"][k] > 0 for r in rows) / n for k in range(K)],
+            "resp_mean": [sum(r["resp"][k] for r in rows) / n for k in range(K)]}
+
+
+def summarize(rows: list[dict], K: int, group_names: dict[int, str]) -> dict:
+    """Mixture / per-expert / per-group accuracies and, with groups, the best-permutation recovery accuracy."""
+    summary = {"num_experts": K, **_accuracies(rows, K),
+               "w_mean": [sum(r["w"][k] for r in rows) / max(1, len(rows)) for k in range(K)],
+               "mbt_loglik": sum(r["loglik"] for r in rows) / max(1, len(rows))}
+    grouped = [r for r in rows if r["group_id"] >= 0]
+    if grouped:
+        summary["per_group"] = {name: _accuracies([r for r in grouped if r["group_id"] == g], K)
+                                for g, name in sorted(group_names.items())}
+        rec = recovery_accuracy([r["expert"] for r in grouped], [r["group_id"] for r in grouped], K,
+                                len(group_names))
+        rec["mapping"] = {group_names[g]: k for g, k in rec["mapping"].items()}
+        summary["recovery"] = rec
+        summary["recovery_accuracy"] = rec["accuracy"]
+    return summary

@@ -1,0 +1,106 @@
+"""Export a trained mixture: each expert as a standalone Hugging Face model, plus the gate (SPEC §6 `export/`).
+
+Layout of `out_dir` (written to `out_dir.tmp` first, then moved into place with os.replace, so a reader
+never sees half an export):
+
+    export.json            {"num_experts", "kind", "experts": ExpertsConfig as a dict}
+    expert_{k}/            save_pretrained of expert k + the tokenizer: AutoModelForCausalLM.from_pretrained works
+    gate/                  gating.save_gate (gate.safetensors + gate.json with the user vocabulary)
+    compact/               heads kind, compact=True: trunk/ (AutoModel dir, once), heads.safetensors (K, V, H),
+                           compact.json; `load_compact` rebuilds the MixturePolicy without K trunk copies
+
+Under DeepSpeed ZeRO-3 call this with full weights (after `zero_to_fp32` / a gathered copy), on one rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+
+from mixdpo_ds.experts import ExpertsConfig, MixturePolicy
+from mixdpo_ds.gating import load_gate, save_gate
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """os.replace cannot overwrite a non-empty directory: move the old export aside first, then delete it."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{out_dir}.old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+        shutil.rmtree(old)
+
+
+def export_experts(policy: MixturePolicy, gate, out_dir: str, tokenizer=None, compact: bool = False,
+                   user_vocab: dict | None = None) -> str:
+    """Write the K experts (and the gate, when given) under out_dir atomically; returns out_dir."""
+    out_dir = out_dir.rstrip("/")
+    tmp = f"{out_dir}.tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    for k in range(policy.num_experts):
+        expert_dir = os.path.join(tmp, f"expert_{k}")
+        policy.expert_model(k).save_pretrained(expert_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(expert_dir)
+    if gate is not None:
+        save_gate(gate, gate.cfg, os.path.join(tmp, "gate"), user_vocab=user_vocab)
+    if compact:
+        if policy.kind != "heads":
+            raise ValueError(f"export compact=True is for experts.kind='heads', not {policy.kind!r}")
+        _export_compact(policy, os.path.join(tmp, "compact"), tokenizer)
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+        json.dump({"num_experts": policy.num_experts, "kind": policy.kind, "experts": asdict(policy.cfg)}, f, indent=2)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _export_compact(policy: MixturePolicy, compact_dir: str, tokenizer) -> None:
+    policy.trunk.save_pretrained(os.path.join(compact_dir, "trunk"))
+    save_file({"heads": policy.heads.detach().cpu().contiguous()}, os.path.join(compact_dir, "heads.safetensors"))
+    with open(os.path.join(compact_dir, "compact.json"), "w") as f:
+        json.dump({"num_experts": policy.num_experts, "causal_lm_config": policy.config.to_dict()}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(compact_dir)
+
+
+def load_expert(out_dir: str, k: int, torch_dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Expert k of an export as a plain causal LM (for generate)."""
+    return AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, f"expert_{k}"), dtype=torch_dtype).eval()
+
+
+def load_experts(out_dir: str, torch_dtype: torch.dtype = torch.float32, logprob_impl: str = "auto") -> MixturePolicy:
+    """All K experts of an export as a `models`-kind MixturePolicy (for evaluate), whatever kind was trained."""
+    with open(os.path.join(out_dir, "export.json")) as f:
+        num_experts = json.load(f)["num_experts"]
+    models = [load_expert(out_dir, k, torch_dtype) for k in range(num_experts)]
+    cfg = ExpertsConfig(kind="models", num_experts=num_experts, logprob_impl=logprob_impl)
+    return MixturePolicy(cfg, models[0].config, models=models).eval()
+
+
+def load_compact(out_dir: str, torch_dtype: torch.dtype = torch.float32, logprob_impl: str = "auto") -> MixturePolicy:
+    """The compact heads export as a frozen-trunk `heads` MixturePolicy: one trunk, (K, V, H) heads."""
+    compact_dir = os.path.join(out_dir, "compact")
+    with open(os.path.join(compact_dir, "compact.json")) as f:
+        meta = json.load(f)
+    trunk = AutoModel.from_pretrained(os.path.join(compact_dir, "trunk"), dtype=torch_dtype)
+    heads = load_file(os.path.join(compact_dir, "heads.safetensors"))["heads"].to(torch_dtype)
+    cfg = ExpertsConfig(kind="heads", num_experts=meta["num_experts"], trunk="frozen", logprob_impl=logprob_impl)
+    return MixturePolicy(cfg, trunk.config, trunk=trunk, heads=heads).eval()
+
+
+def load_export_gate(out_dir: str):
+    """(gate, gate.json dict) of an export, or (None, None) when it has no gate."""
+    gate_dir = os.path.join(out_dir, "gate")
+    if not os.path.exists(gate_dir):
+        return None, None
+    return load_gate(gate_dir, with_meta=True)

@@ -1,0 +1,127 @@
+"""The frozen reference policy π_ref and the on-disk cache of its sequence log-probs (SPEC §1-2).
+
+The reference never changes, so its log-probs can be computed once over the dataset and reused by every
+epoch and every run with the same model, data and lengths: `precompute_reference_logps` keys a file by
+`reference_cache_key(...)` and a second call with the same key reads it without running the model.
+
+Shapes: a shared reference gives (2B,) per batch, (num_examples, 2) over the dataset (column 0 chosen,
+column 1 rejected); K per-expert references (`models` with different `init_paths`) give (2B, K) and
+(num_examples, 2, K). For `lora` and frozen-trunk `heads` the policy itself is the reference
+(`PolicyReference`), no second model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from mixdpo_ds.experts import _disable_dropout, _head_weight, _trunk_hidden, register_heads_for_zero3, sequence_logps
+
+
+class FrozenReference(nn.Module):
+    """π_ref from one path (shared, logps (2B,)) or K paths (per expert, logps (2B, K)); eval, no grad.
+
+    K equal paths are loaded once and give the shared (2B,) form: one reference serves all experts.
+    """
+
+    def __init__(self, model_name_or_path: str | Sequence[str], torch_dtype: torch.dtype = torch.float32,
+                 logprob_impl: str = "auto", chunk_size: int | None = None):
+        super().__init__()
+        paths = [model_name_or_path] if isinstance(model_name_or_path, str) else list(model_name_or_path)
+        self.per_expert = len(set(paths)) > 1
+        self.paths = paths if self.per_expert else paths[:1]
+        self.models = nn.ModuleList(AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype) for p in self.paths)
+        for model in self.models:
+            _disable_dropout(model)
+        self.requires_grad_(False)
+        self.eval()
+        register_heads_for_zero3(self, [_head_weight(m) for m in self.models])
+        self.logprob_impl = logprob_impl
+        self.chunk_size = chunk_size
+
+    def train(self, mode: bool = True):
+        return super().train(False)     # always eval: a reference has no dropout
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(2B, T) ids, mask, labels -> (2B,) shared or (2B, K) per-expert fp32 sequence log-probs."""
+        out = []
+        for model in self.models:
+            hidden = _trunk_hidden(model.base_model, input_ids, attention_mask)             # (2B, T, H)
+            out.append(sequence_logps(hidden, _head_weight(model).unsqueeze(0), labels,
+                                      self.logprob_impl, self.chunk_size))                  # (2B, 1)
+        logps = torch.cat(out, dim=1)                                                       # (2B, K or 1)
+        return logps if self.per_expert else logps[:, 0]
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        """Reference log-probs of a collated batch (keys input_ids, attention_mask, labels)."""
+        device = next(self.parameters()).device
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+
+
+class PolicyReference:
+    """The built-in reference of a policy (`MixturePolicy.has_builtin_reference`): same `logps(batch)` API."""
+
+    def __init__(self, policy):
+        if not policy.has_builtin_reference:
+            raise ValueError(f"experts.kind={policy.kind!r} with trunk={policy.cfg.trunk!r} has no built-in reference")
+        self.policy = policy
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        device = next(self.policy.parameters()).device
+        return self.policy.reference_logps(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                           batch["labels"].to(device))
+
+
+def reference_cache_key(model_name_or_path: str | Sequence[str], data_fingerprint: str, max_length: int,
+                        max_prompt_length: int, extra: dict | str | None = None) -> str:
+    """sha256 hex of everything the cached log-probs depend on (model path(s), data, truncation, `extra`:
+    e.g. dtype, template). Paths are taken as given; pass a content hash in `extra` if a path's weights change."""
+    payload = json.dumps({"model": model_name_or_path, "data": data_fingerprint, "max_length": max_length,
+                          "max_prompt_length": max_prompt_length, "extra": extra}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cache_path(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, f"{key}.safetensors")
+
+
+def _save_atomic(tensor: torch.Tensor, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"     # per-process tmp: ranks writing the same key never collide
+    save_file({"ref_logps": tensor.contiguous()}, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference, examples: Sequence[dict], collate_fn: Callable[[list], dict],
+                               batch_size: int, cache_dir: str | None, key: str | None) -> torch.Tensor:
+    """Reference log-probs of every example: (num_examples, 2) [chosen, rejected] or (num_examples, 2, K).
+
+    Row i holds the example whose `index` is i (`collate_fn` must return `index` (B,) and the 2B rows chosen
+    first). With a cache_dir and key, an existing `cache_dir/key.safetensors` is loaded without running the
+    model; otherwise the result is computed and saved atomically (tmp file + os.replace).
+    """
+    path = cache_path(cache_dir, key) if cache_dir and key else None
+    if path and os.path.exists(path):
+        return load_file(path)["ref_logps"]
+    num_examples = max(int(ex["index"]) for ex in examples) + 1
+    result = None
+    for start in range(0, len(examples), batch_size):
+        rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]   # list or Dataset
+        batch = collate_fn(rows)
+        logps = reference.logps(batch).float().cpu()                # (2B,) or (2B, K)
+        B = logps.shape[0] // 2
+        pairs = logps.view(2, B, *logps.shape[1:]).transpose(0, 1)  # (B, 2) or (B, 2, K)
+        if result is None:
+            result = torch.full((num_examples, *pairs.shape[1:]), float("nan"))
+        result[torch.as_tensor(batch["index"]).long()] = pairs
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        _save_atomic(result, path)
+    return result

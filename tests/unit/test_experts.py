@@ -200,3 +200,17 @@ def test_models_from_init_paths(tiny_gpt2_dir, tmp_path, tiny_tokenizer):
     lp = policy_logps(policy, batch).logps
     torch.testing.assert_close(lp[:, 1], hf_sequence_logps(AutoModelForCausalLM.from_pretrained(other), batch),
                                atol=1e-5, rtol=0)
+
+
+def test_bf16_policy_is_close_to_fp32(tiny_gpt2_dir):
+    """bf16 weights, fp32 log-probs: within bf16 rounding of the fp32 policy (~1e-2 per token, ~10 tokens/row)."""
+    batch = make_batch(2)
+    fp32 = policy_logps(_policy(tiny_gpt2_dir, init_noise=0.1), batch).logps
+    bf16_policy = build_policy(tiny_gpt2_dir, ExpertsConfig(num_experts=3, init_noise=0.1, logprob_impl="naive"),
+                               torch_dtype=torch.bfloat16)
+    assert bf16_policy.heads.dtype == torch.bfloat16
+    out = policy_logps(bf16_policy, batch).logps
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, fp32, atol=0.3, rtol=0)
+    out.sum().backward()
+    assert bf16_policy.heads.grad.dtype == torch.bfloat16

@@ -82,14 +82,15 @@ def _run_expert(impl, hidden, heads, targets):
     return t1 - t0, t2 - t1
 
 
-def _run_liger(hidden, heads, targets):
+def _run_liger(hidden, heads, targets, compiled):
     """LigerFusedLinearDPOLoss on the same tokens as B pairs of T = 128 tokens (K = 1; chosen rows first).
-    Its forward already computes the gradients (chunk by chunk), its backward only scales them."""
+    Its forward already computes the gradients (chunk by chunk), its backward only scales them. `compiled`
+    wraps its chunk step in torch.compile (on this CPU: ~160 s of compilation in the first run)."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
     N, H = hidden.shape
     T = min(128, N // 2)
-    loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False, compiled=hidden.device.type == "cuda")
+    loss_fn = LigerFusedLinearDPOLoss(use_ref_model=False, compiled=compiled)
     hidden.grad = heads.grad = None
     t0 = _sync(hidden.device.type)
     loss = loss_fn(heads[0], hidden[: N // T * T].view(-1, T, H), targets[: N // T * T].view(-1, T))
@@ -105,8 +106,12 @@ def measure(size: str, impl: str, dtype: str, device: str, repeats: int) -> dict
     (or the first run when repeats = 0)."""
     N, H, V, K = map(int, size.split(","))
     hidden, heads, targets = _inputs(N, H, V, K, getattr(torch, dtype), device)
-    run = (lambda: _run_liger(hidden, heads, targets)) if impl == "liger" else (
-        lambda: _run_expert(impl, hidden, heads, targets))
+    if impl.startswith("liger"):
+        def run():
+            return _run_liger(hidden, heads, targets, compiled=impl == "liger-compiled")
+    else:
+        def run():
+            return _run_expert(impl, hidden, heads, targets)
     base = _reset_peak(device)
     times = [run()]
     peak = _peak(device) - base
@@ -130,7 +135,12 @@ def matmul_gflops(device: str, dtype: str) -> float:
 def _measure_isolated(args, size, impl) -> dict:
     """CPU: a fresh process per measurement, so one impl's allocator state cannot inflate the next one's RSS."""
     if args.device == "cuda":
-        return measure(size, impl, args.dtype, args.device, args.repeats)
+        try:
+            return measure(size, impl, args.dtype, args.device, args.repeats)
+        except torch.OutOfMemoryError as e:  # naive at the largest sizes: a row that says so, not a crash
+            torch.cuda.empty_cache()
+            return dict(zip(("N", "H", "V", "K"), map(int, size.split(",")), strict=True), impl=impl,
+                        dtype=args.dtype, error=f"OutOfMemoryError: {str(e).splitlines()[0][:150]}")
     cmd = [sys.executable, __file__, "--worker", size, impl, "--dtype", args.dtype, "--repeats", str(args.repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -152,7 +162,7 @@ def _table(rows: list[dict], gflops: float) -> str:
                          + " |" * 6)
             continue
         base = naive.get(key)
-        floor = 6 * r["N"] * r["H"] * r["V"] * (1 if r["impl"] == "liger" else r["K"]) / (gflops * 1e9)
+        floor = 6 * r["N"] * r["H"] * r["V"] * r["K"] / (gflops * 1e9)
         ratio_t = f"{r['total_s'] / base['total_s']:.2f}" if base else "-"
         ratio_m = f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):.3f}" if base else "-"
         lines.append(f"| {' | '.join(map(str, key))} | {r['impl']} | {r['dtype']} | {r['fwd_s']:.3f} | "
@@ -179,17 +189,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=None, help="N,H,V,K tuples")
     parser.add_argument("--acceptance", action="store_true", help=f"only the issue-4 size {ACCEPTANCE}")
-    parser.add_argument("--impls", nargs="+", default=None, help="default: naive chunked [triton] liger")
+    parser.add_argument("--impls", nargs="+", default=None, help="naive chunked triton liger liger-compiled; "
+                        "default: naive chunked [triton on cuda] liger (K = 1 sizes only for liger)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs after the first (default 2; 0 "
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs after the first (default 1; 0 "
                         "with --acceptance)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole grid, interleaved; keep the "
                         "fastest time and the largest peak memory of each row")
     parser.add_argument("--append", default=None, help="append the table to this markdown file")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.repeats = args.repeats if args.repeats is not None else (0 if args.acceptance else 2)
+    args.repeats = args.repeats if args.repeats is not None else (0 if args.acceptance else 1)
     if args.worker:
         print(json.dumps(measure(*args.worker, args.dtype, "cpu", args.repeats)))
         return
@@ -200,7 +211,7 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):  # interleaved rounds: a load spike on a shared machine hits both impls alike
         for size in sizes:
             for impl in impls:
-                if impl == "liger" and not size.endswith(",1"):
+                if impl.startswith("liger") and not size.endswith(",1"):
                     continue  # LigerFusedLinearDPOLoss has one head
                 row = _measure_isolated(args, size, impl)
                 print(json.dumps(row), flush=True)

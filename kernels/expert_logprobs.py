@@ -10,9 +10,10 @@ Symbols: N tokens, H hidden, V vocabulary, K heads (padded to K_PAD, a power of 
 K_PAD·BLOCK_V rows r = k·BLOCK_V + j of the stacked heads, row j of vocabulary tile v0 of head k, so one load
 of a (BLOCK_N, BLOCK_H) hidden tile feeds the dot products of all K heads.
 
-Kernels: forward (grid: token blocks) → (N, K) logps and lse; backward d_hidden (grid: token blocks, loops
-over vocabulary) and d_heads (grid: vocabulary blocks, loops over tokens); each backward kernel recomputes
-its logits tiles, so a step costs 2 + 2·(2 + 2) = 10 N·H·V·K FLOPs (vs 6 for materialised logits).
+Kernels: forward (grid: token blocks × vocabulary splits; the host combines the splits' partial log-sum-exps and
+target logits) → (N, K) logps and lse; backward d_hidden (grid: token blocks × vocabulary splits, the partial
+sums added on the host in a fixed order) and d_heads (grid: vocabulary blocks, loops over tokens); each backward
+kernel recomputes its logits tiles, so a step costs 2 + 2·(2 + 2) = 10 N·H·V·K FLOPs (6 with materialised logits).
 Accumulation in fp32 (d_hidden / d_heads in fp32 scratch, cast once). fp32 inputs: every dot in IEEE fp32 (no
 TF32). 16-bit inputs: logits by the native 16-bit dot (exact products); the gradient dots multiply the fp32 dz
 by the upcast operand in TF32 (dz keeps 10 mantissa bits, not bf16's 7: rounding dz to bf16, as flash-attention
@@ -30,6 +31,8 @@ import triton.language as tl
 from .naive import IGNORE_INDEX
 
 POISON = False  # tests: fill outputs with NaN before the kernels write them, to catch unwritten elements
+VOCAB_SPLIT = None  # vocabulary splits of the forward and d_hidden kernels; None: 1 under the interpreter, else
+# enough to fill the GPU (`_vocab_split`)
 
 
 @triton.jit
@@ -71,10 +74,12 @@ def _dlogits_tile(z, lse, g, tgt, cols, mask_r, BLOCK_N: tl.constexpr, K_PAD: tl
 
 @triton.jit
 def _expert_logprobs_fwd_kernel(
-    hidden_ptr, heads_ptr, targets_ptr, logps_ptr, lse_ptr, N, V, H, stride_hn, stride_wk, stride_wv,
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GRAD_PRECISION: tl.constexpr, LOGIT_FP32: tl.constexpr,
+    hidden_ptr, heads_ptr, targets_ptr, lse_part_ptr, tgt_part_ptr, N, V, H, stride_hn, stride_wk, stride_wv,
+    split_len, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, GRAD_PRECISION: tl.constexpr, LOGIT_FP32: tl.constexpr,
 ):
+    """Partial log-sum-exp and target logit (BLOCK_N, K) of one token block over one vocabulary split
+    (program_id(1)); the host combines the splits: lse = logsumexp over splits, target logit = sum over splits."""
     R: tl.constexpr = K_PAD * BLOCK_V
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -85,8 +90,9 @@ def _expert_logprobs_fwd_kernel(
     run_max = tl.full((BLOCK_N, K_PAD), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
     tgt_logit = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + offs_r % BLOCK_V
+    v_start = tl.program_id(1) * split_len
+    for v0 in range(0, split_len, BLOCK_V):  # the first tile of a split has columns < V; later ones may not
+        cols = v_start + v0 + offs_r % BLOCK_V
         mask_r = (r_k < K) & (cols < V)
         z = _logits_tile(hidden_ptr, heads_ptr, offs_n, mask_n, r_k, cols, mask_r, H, stride_hn, stride_wk,
                          stride_wv, BLOCK_N, R, BLOCK_H, LOGIT_FP32)
@@ -98,12 +104,10 @@ def _expert_logprobs_fwd_kernel(
         run_max = new_max
         hit = (cols[None, :] == tgt[:, None]) & mask_r[None, :]
         tgt_logit += tl.sum(tl.reshape(tl.where(hit, z, 0.0), (BLOCK_N, K_PAD, BLOCK_V)), axis=2)
-    lse = run_max + tl.log(run_sum)
-    logps = tl.where((tgt != -100)[:, None], tgt_logit - lse, 0.0)
-    out = offs_n[:, None] * K + offs_k[None, :]
+    out = tl.program_id(1).to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
     mask_out = mask_n[:, None] & (offs_k[None, :] < K)
-    tl.store(logps_ptr + out, logps, mask=mask_out)
-    tl.store(lse_ptr + out, lse, mask=mask_out)
+    tl.store(lse_part_ptr + out, run_max + tl.log(run_sum), mask=mask_out)
+    tl.store(tgt_part_ptr + out, tgt_logit, mask=mask_out)
 
 
 @triton.jit
@@ -120,10 +124,11 @@ def _load_lse_grad(lse_ptr, grad_ptr, offs_n, mask_n, tgt, K: tl.constexpr, K_PA
 @triton.jit
 def _expert_logprobs_bwd_hidden_kernel(
     hidden_ptr, heads_ptr, targets_ptr, lse_ptr, grad_ptr, d_hidden_ptr, N, V, H, stride_hn, stride_wk,
-    stride_wv, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    stride_wv, split_len, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr, GRAD_PRECISION: tl.constexpr, LOGIT_FP32: tl.constexpr,
 ):
-    """d_hidden (N, H) fp32 for one token block: Σ over vocabulary tiles, read-modify-write by its only owner."""
+    """Partial d_hidden (N, H) fp32 of one token block over one vocabulary split (program_id(1)): Σ over its
+    vocabulary tiles, read-modify-write by the only owner; the host sums the splits (fixed order)."""
     R: tl.constexpr = K_PAD * BLOCK_V
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -131,8 +136,10 @@ def _expert_logprobs_bwd_hidden_kernel(
     lse, g = _load_lse_grad(lse_ptr, grad_ptr, offs_n, mask_n, tgt, K, K_PAD)
     offs_r = tl.arange(0, R)
     r_k = offs_r // BLOCK_V
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + offs_r % BLOCK_V
+    v_start = tl.program_id(1) * split_len
+    d_hidden_ptr += tl.program_id(1).to(tl.int64) * N * H
+    for v0 in range(0, split_len, BLOCK_V):  # the last split's tiles past V are fully masked
+        cols = v_start + v0 + offs_r % BLOCK_V
         mask_r = (r_k < K) & (cols < V)
         z = _logits_tile(hidden_ptr, heads_ptr, offs_n, mask_n, r_k, cols, mask_r, H, stride_hn, stride_wk,
                          stride_wv, BLOCK_N, R, BLOCK_H, LOGIT_FP32)
@@ -198,6 +205,19 @@ def _meta(K: int, dtype: torch.dtype) -> dict:
     return dict(meta, BLOCK_N=64, BLOCK_V=max(16, 128 // k_pad), BLOCK_H=64)
 
 
+def _vocab_split(N: int, V: int, meta: dict, like: torch.Tensor) -> tuple[int, int, int]:
+    """(token blocks, vocabulary splits, split length) of the kernels that walk the vocabulary per token block.
+    Split the vocabulary when there are too few token blocks to fill the GPU (2 programs per SM), at most 16 ways;
+    every split starts inside the vocabulary."""
+    n_blocks, v_tiles = triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"])
+    split = VOCAB_SPLIT
+    if split is None:
+        sms = 0 if _INTERPRETED else torch.cuda.get_device_properties(like.device).multi_processor_count
+        split = max(1, min(16, triton.cdiv(2 * sms, n_blocks)))
+    tiles_per_split = triton.cdiv(v_tiles, min(split, v_tiles))
+    return n_blocks, triton.cdiv(v_tiles, tiles_per_split), tiles_per_split * meta["BLOCK_V"]
+
+
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device)
@@ -221,10 +241,13 @@ def expert_logprobs_forward(hidden, heads, targets):
     hidden, heads = _prepare(hidden, heads)
     (N, H), (K, V, _) = hidden.shape, heads.shape
     meta = _meta(K, hidden.dtype)
-    logps, lse = _empty((N, K), hidden), _empty((N, K), hidden)
-    grid = (triton.cdiv(N, meta["BLOCK_N"]),)
-    _expert_logprobs_fwd_kernel[grid](hidden, heads, targets.contiguous(), logps, lse, N, V, H, hidden.stride(0),
-                                      heads.stride(0), heads.stride(1), **meta)
+    n_blocks, split, split_len = _vocab_split(N, V, meta, hidden)
+    lse_part, tgt_part = _empty((split, N, K), hidden), _empty((split, N, K), hidden)
+    _expert_logprobs_fwd_kernel[(n_blocks, split)](hidden, heads, targets.contiguous(), lse_part, tgt_part, N, V, H,
+                                                   hidden.stride(0), heads.stride(0), heads.stride(1), split_len,
+                                                   **meta)
+    lse = torch.logsumexp(lse_part, dim=0)  # (N, K); exact for one split
+    logps = (tgt_part.sum(0) - lse).masked_fill((targets == IGNORE_INDEX)[:, None], 0.0)
     return logps, lse
 
 
@@ -239,10 +262,11 @@ def expert_logprobs_backward(grad_logps, hidden, heads, targets, lse, need_hidde
     args = (N, V, H, hidden.stride(0), heads.stride(0), heads.stride(1))
     d_hidden = d_heads = None
     if need_hidden:
-        d_hidden = _empty((N, H), hidden)
-        grid = (triton.cdiv(N, meta["BLOCK_N"]),)
-        _expert_logprobs_bwd_hidden_kernel[grid](hidden, heads, targets, lse, grad, d_hidden, *args, **meta)
-        d_hidden = d_hidden.to(hidden_in.dtype)
+        n_blocks, split, split_len = _vocab_split(N, V, meta, hidden)
+        partial = _empty((split, N, H), hidden)
+        _expert_logprobs_bwd_hidden_kernel[(n_blocks, split)](hidden, heads, targets, lse, grad, partial, *args,
+                                                              split_len, **meta)
+        d_hidden = (partial[0] if split == 1 else partial.sum(0)).to(hidden_in.dtype)
     if need_heads:
         d_heads = _empty((K, V, H), hidden)
         grid = (triton.cdiv(V, meta["BLOCK_V"]),)

@@ -92,7 +92,10 @@ def _mbt_loss_kernel(
         dloglik_dm = (1.0 - eps) * _sigmoid(-m) - eps * _sigmoid(m)
         d_logw_pol = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)
         if GUMBEL:  # (the host turns it off when resp is given)
-            ell = log_w if PRIOR else log_w + log_sigma
+            if PRIOR:
+                ell = log_w
+            else:
+                ell = log_w + log_sigma  # sg(log σ): this path gets no gradient to the policy
             weight = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)  # Σ_l z (values; one-hot if HARD)
             kl_pair = tl.zeros((BLOCK_B,), dtype=tl.float32)
             d_logw_kl = tl.zeros((BLOCK_B, K_PAD), dtype=tl.float32)

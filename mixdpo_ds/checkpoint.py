@@ -140,10 +140,9 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     p = Path(resume_from)
     if is_complete(p):
         return p
-    for base in (p, p.parent):
-        found = find_latest(base) if base.name != "checkpoints" else find_latest(base.parent)
-        if found is not None:
-            return found
+    found = find_latest(p.parent if p.name == "checkpoints" else p)
+    if found is not None:
+        return found
     raise FileNotFoundError(f"train.resume_from={resume_from!r}: no complete checkpoint there "
                             f"(a step_N directory with {STATE_FILE} and {ENGINE_TAG}/, or a run directory)")
 

@@ -1,7 +1,8 @@
 """The run configuration: one dataclass composing the per-module configs.
 
-Precedence: dataclass defaults ← YAML file ← `a.b=c` command-line overrides (values parsed with
-`yaml.safe_load`, so `train.lr=1e-5`, `experts.lr_experts=[1e-4,2e-4]`, `train.resume_from=null` work).
+Precedence: dataclass defaults ← YAML file ← `a.b=c` command-line overrides (values parsed as YAML,
+so `train.lr=1e-5`, `experts.lr_experts=[1e-4,2e-4]`, `train.resume_from=null` work; `1e-5` is a float
+here, unlike plain YAML 1.1).
 Unknown keys are errors that name the key and the allowed keys. `to_yaml()` writes the fully resolved
 config, which is what a run directory keeps as `config.yaml` and what `evaluate` / `generate` reload.
 
@@ -11,6 +12,7 @@ config, which is what a run directory keeps as `config.yaml` and what `evaluate`
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,26 @@ from mixdpo_ds.data import DataConfig
 from mixdpo_ds.em import EMConfig
 from mixdpo_ds.experts import ExpertsConfig
 from mixdpo_ds.gating import GateConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5` and would give a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -228,7 +250,7 @@ def _build(cls: type, values: dict, section: str):
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """["a.b=c", ...] -> nested dict {"a": {"b": yaml.safe_load("c")}}."""
+    """["a.b=c", ...] -> nested dict {"a": {"b": yaml_load("c")}}."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -242,7 +264,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {p!r}")
-        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+        node[parts[-1]] = yaml_load(text) if text != "" else None
     return out
 
 
@@ -258,7 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults ← YAML at `path` ← overrides."""
     raw: dict = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = yaml_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping of sections {list(SECTIONS)}")
         raw = loaded

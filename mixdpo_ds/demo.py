@@ -64,11 +64,13 @@ def _say(msg: str, t0: float) -> None:
     print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
 
-def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K: int, gate: str, seed: int):
-    """The RunConfig of one demo run: K heads on the frozen SFT trunk, everything else shared by all runs."""
-    from mixdpo_ds.config import RunConfig
+def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K: int, gate: str, seed: int,
+               overrides: dict | None = None):
+    """The RunConfig of one demo run: K heads on the frozen SFT trunk, everything else shared by all runs.
+    `overrides` (nested dict, e.g. {"em": {"mode": "gumbel"}}) is merged last (the ablation benchmark uses it)."""
+    from mixdpo_ds.config import RunConfig, merge
 
-    return RunConfig.from_dict({
+    return RunConfig.from_dict(merge({
         "model": {"name_or_path": base_dir},
         "data": {"path": train_path, "max_length": 32, "max_prompt_length": 8},
         "experts": {"kind": "heads", "num_experts": K, "trunk": "frozen", "logprob_impl": "naive",
@@ -81,7 +83,7 @@ def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K:
                   "lr": cfg.lr, "log_every": 10, "keep_last": 1, "progress_bar": cfg.progress_bar,
                   "export": True, "plots": False, "seed": seed},
         "deepspeed": {"config": "zero0"},
-    })
+    }, overrides or {}))
 
 
 def _record_responsibilities(trainer, trace: dict) -> None:
@@ -107,12 +109,12 @@ def _record_responsibilities(trainer, trace: dict) -> None:
 
 
 def train_and_evaluate(cfg: DemoConfig, base_dir: str, paths: dict, run_dir: str, K: int, gate: str, seed: int,
-                       groups: list[str]) -> dict:
+                       groups: list[str], overrides: dict | None = None) -> dict:
     """One run through the real trainer + `evaluate_run` on the held-out pairs; returns per-pair rows + trace."""
     from mixdpo_ds.evaluate import evaluate_run
     from mixdpo_ds.trainer import MixDPOTrainer
 
-    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed))
+    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed, overrides))
     trainer.setup()
     trace = {"G": len(groups), "steps": [], "sums": [], "counts": [], "names": sorted(groups)}
     _record_responsibilities(trainer, trace)

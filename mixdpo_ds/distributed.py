@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Any
 
 import torch
@@ -25,8 +26,9 @@ def init_distributed(backend: str | None = None) -> None:
     """Initialise torch.distributed through DeepSpeed once (no-op when already initialised).
 
     Under srun (no launcher) SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give RANK / WORLD_SIZE / LOCAL_RANK
-    (MASTER_ADDR / MASTER_PORT come from the sbatch script). Defaults for a plain `python ...` run: RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR=127.0.0.1,
-    MASTER_PORT=29500 + (pid % 1000) so parallel single-process runs (tests) do not collide.
+    (MASTER_ADDR / MASTER_PORT come from the sbatch script). Defaults for a plain `python ...` run: RANK=0,
+    LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR=127.0.0.1, MASTER_PORT a free port (parallel single-process runs,
+    e.g. tests, must not collide on 29500).
     """
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
@@ -41,7 +43,10 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ["WORLD_SIZE"] = "1"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     if backend is None:
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -140,7 +145,7 @@ def reduce_metrics(metrics: dict[str, torch.Tensor], group=None) -> dict[str, to
     keys = list(metrics)
     stacked = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
     stacked = all_reduce_mean(stacked, group)
-    return dict(zip(keys, stacked.unbind(0)))
+    return dict(zip(keys, stacked.unbind(0), strict=False))
 
 
 def shard(global_batch_examples: list[Any], rank: int, world: int) -> list[Any]:

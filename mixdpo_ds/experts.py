@@ -206,7 +206,11 @@ class MixturePolicy(nn.Module):
         self.kind = cfg.kind
         self.num_experts = cfg.num_experts
         self.trunk = trunk
-        self.heads = nn.Parameter(heads) if heads is not None else None    # (K, V, H)
+        self.heads = nn.Parameter(heads) if heads is not None and cfg.ep_size == 1 else None    # (K, V, H)
+        self.ep_heads = None    # experts.ep_size > 1: this rank's K/ep_size heads (mixdpo_ds.parallel)
+        if heads is not None and cfg.ep_size > 1:
+            from mixdpo_ds.parallel import build_expert_parallel_heads
+            self.ep_heads = build_expert_parallel_heads(heads, cfg)
         self.models = nn.ModuleList(models) if models is not None else None
         self.lora_model = lora_model
         self.adapter_names = [f"expert_{k}" for k in range(cfg.num_experts)]
@@ -246,7 +250,11 @@ class MixturePolicy(nn.Module):
                     hidden = _trunk_hidden(self.trunk, input_ids, attention_mask)
             else:
                 hidden = _trunk_hidden(self.trunk, input_ids, attention_mask)
-            logps = self._logps(hidden, self.heads, labels)                              # (2B, K)
+            if self.ep_heads is not None:
+                from mixdpo_ds.parallel import ep_sequence_logps
+                logps = ep_sequence_logps(self.ep_heads, hidden, labels)                 # (2B, K)
+            else:
+                logps = self._logps(hidden, self.heads, labels)                          # (2B, K)
             return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), token_count)
         per_expert, features = [], None
         for k in range(self.num_experts):
@@ -294,7 +302,8 @@ class MixturePolicy(nn.Module):
             trunk = [(n, p) for n, p in self.trunk.named_parameters() if p.requires_grad]
             groups += _split_decay(trunk, "trunk", self.cfg.lr_trunk if self.cfg.lr_trunk is not None else lr,
                                    weight_decay)
-            groups.append({"name": "experts", "params": [self.heads], "lr": self.cfg.expert_lr(0, lr),
+            heads = [self.heads] if self.ep_heads is None else list(self.ep_heads.parameters())
+            groups.append({"name": "experts", "params": heads, "lr": self.cfg.expert_lr(0, lr),
                            "weight_decay": weight_decay})
         elif self.kind == "models":
             for k, model in enumerate(self.models):

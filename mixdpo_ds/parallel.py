@@ -24,6 +24,8 @@ says so); ZeRO-3 runs use dense heads.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as torch_dist
 from deepspeed.moe.experts import Experts
@@ -107,7 +109,7 @@ class _GatherRows(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in counts]
         torch_dist.all_gather(parts, padded.contiguous(), group=group)
         ctx.counts, ctx.group, ctx.rank = counts, group, rank
-        return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
+        return torch.cat([p[:n] for p, n in zip(parts, counts, strict=False)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -212,7 +214,7 @@ class ExpertParallelHeads(MoE):
         if tuple(heads.shape) != (self.num_experts, self.vocab_size, self.hidden_size):
             raise ValueError(f"heads must be {(self.num_experts, self.vocab_size, self.hidden_size)}, "
                              f"got {tuple(heads.shape)}")
-        for expert, k in zip(self.deepspeed_moe.experts.deepspeed_experts, self.local_expert_ids()):
+        for expert, k in zip(self.deepspeed_moe.experts.deepspeed_experts, self.local_expert_ids(), strict=False):
             expert.weight.copy_(heads[k])
 
     @torch.no_grad()
@@ -263,18 +265,51 @@ class ExpertParallelHeads(MoE):
 
 
 def head_param_bytes(module: nn.Module) -> int:
-    """Bytes of the expert-head parameters held by this rank (local heads of an ExpertParallelHeads,
-    or every parameter whose name contains 'head' for dense modules)."""
+    """Bytes of expert-head parameters this rank holds: the local heads of an ExpertParallelHeads, else every
+    parameter whose name contains 'head' (a MixturePolicy's `heads` / `ep_heads.*`); a ZeRO-3 parameter
+    counts its local partition."""
     if isinstance(module, ExpertParallelHeads):
         params = list(module.deepspeed_moe.experts.parameters())
     else:
         params = [p for n, p in module.named_parameters() if "head" in n]
-    return sum(p.numel() * p.element_size() for p in params)
+    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in params)
 
 
 def moe_param_groups(param_groups: list[dict]) -> list[dict]:
     """Split optimizer param groups so the expert heads get their own 'moe' groups (DeepSpeed needs
     them to reduce expert gradients within the expert-data-parallel group). Groups without a 'name'
-    get one ('group_{i}'); per-group lr and weight decay are kept."""
+    get one ('group_{i}'); per-group lr and weight decay are kept; groups left empty are dropped (a
+    frozen trunk leaves only the heads)."""
     named = [{"name": g.get("name", f"group_{i}"), **g} for i, g in enumerate(param_groups)]
-    return split_params_into_different_moe_groups_for_optimizer(named)
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+
+
+def ep_sequence_logps(ep_heads: ExpertParallelHeads, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`experts.sequence_logps` for expert-parallel heads: (2B, T, H), (2B, T) -> (2B, K) fp32.
+
+    Same token selection: position t predicts labels[t + 1]; only response tokens (label != -100) go in.
+    """
+    targets = labels[:, 1:]  # (2B, T-1)
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,)
+    return ep_heads(hidden[:, :-1][rows, cols], targets[rows, cols], rows, hidden.shape[0])  # (2B, K)
+
+
+def build_expert_parallel_heads(heads: torch.Tensor, cfg) -> ExpertParallelHeads:
+    """ExpertParallelHeads holding this rank's slice of dense heads (K, V, H); cfg: an ExpertsConfig.
+    Refuses ZeRO-3 (seen through a live `HfDeepSpeedConfig`, which the trainer keeps for stage 3)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else None
+    check_expert_parallel(cfg.num_experts, cfg.ep_size, 3 if is_deepspeed_zero3_enabled() else 0, world)
+    return ExpertParallelHeads.from_dense(heads, cfg.ep_size, logprob_impl=cfg.logprob_impl,
+                                          chunk_size=cfg.chunk_size)
+
+
+def dense_policy(policy):
+    """A MixturePolicy with dense (K, V, H) heads gathered from an expert-parallel one, for export
+    (`policy.expert_model(k)`). Collective: every rank of the EP group must call it. Shares the trunk."""
+    if getattr(policy, "ep_heads", None) is None:
+        return policy
+    heads = policy.ep_heads.gather_dense_state()  # (K, V, H)
+    cfg = dataclasses.replace(policy.cfg, ep_size=1)
+    return type(policy)(cfg, policy.config, trunk=policy.trunk, heads=heads, ref_head=policy.ref_head)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -28,8 +26,8 @@ import torch
 from mixdpo_ds import checkpoint as ckpt
 from mixdpo_ds.config import RunConfig
 from mixdpo_ds.data import batches, collate, load_preference_data, num_batches
-from mixdpo_ds.deepspeed_config import build_deepspeed_config, zero_stage_of
-from mixdpo_ds.distributed import replicated_load
+from mixdpo_ds.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
+from mixdpo_ds.distributed import init_distributed, replicated_load
 from mixdpo_ds.em import random_responsibilities, tau_at
 from mixdpo_ds.losses import MixDPOOutput, mixdpo_loss
 from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
@@ -37,37 +35,6 @@ from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
 log = logging.getLogger("mixdpo_ds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "prompt_last_index")
-
-
-def init_distributed() -> None:
-    """Single process by default: fill MASTER_ADDR/PORT, RANK, WORLD_SIZE when absent (a launcher sets them),
-    then `deepspeed.init_distributed` (gloo on the CPU accelerator)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if torch.distributed.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:  # a free port: tests of other runs may hold 29500
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
-    """Multiplier of the base lr at optimizer step s: linear warm-up, then constant / linear / cosine to 0."""
-    def fn(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-    return fn
 
 
 def build_engine(policy, cfg: RunConfig, ds_config: dict, total_steps: int):
@@ -79,6 +46,12 @@ def build_engine(policy, cfg: RunConfig, ds_config: dict, total_steps: int):
 
     t = cfg.train
     groups = policy.param_groups(t.lr, t.weight_decay)
+    if cfg.experts.ep_size > 1:  # expert parallel: the heads go in DeepSpeed 'moe' groups (mixdpo_ds.parallel)
+        from mixdpo_ds.parallel import check_expert_parallel, moe_param_groups
+
+        check_expert_parallel(cfg.experts.num_experts, cfg.experts.ep_size, zero_stage_of(ds_config),
+                              torch.distributed.get_world_size())
+        groups = moe_param_groups(groups)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total_steps, t.lr_schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
@@ -193,8 +166,12 @@ class MixDPOTrainer:
                 continue
             key = reference_cache_key(paths, self.data.fingerprint, cfg.data.max_length, cfg.data.max_prompt_length,
                                       {"dtype": cfg.model.dtype, "split": split})
-            for turn in (0, 1):  # rank 0 computes and writes; the others read its file
-                if (self.rank == 0) == (turn == 0):
+            # Rank 0 computes and writes, the others then read its file; under ZeRO-3 a sharded model needs
+            # every rank in every forward, so all compute (each writes the same file atomically).
+            together = self.zero_stage == 3 and not builtin
+            torch.distributed.barrier()
+            for turn in (0, 1):
+                if split not in self.ref_tables and (together or (self.rank == 0) == (turn == 0)):
                     self.ref_tables[split] = precompute_reference_logps(
                         reference, examples, self._collate, cfg.train.micro_batch_size, cache_dir, key)
                 torch.distributed.barrier()
@@ -284,7 +261,6 @@ class MixDPOTrainer:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= self.world
         self.gate_optimizer.step()
-        self.gate_scheduler.step()
         self.gate_optimizer.zero_grad(set_to_none=True)
 
     def _mix_update(self, resp: torch.Tensor) -> None:
@@ -316,7 +292,9 @@ class MixDPOTrainer:
                 # E-step + M-step of the policy (and, in `joint` mode, of the gate) on this batch.
                 out = self.engine(**{k: batch[k].to(self.device) for k in MODEL_KEYS})  # logps (2B, K)
                 joint = is_moe and self.gate_trainable and em.gate_update == "joint" and not warm
-                log_w = self._gate_logw(out, batch, grad=joint or (em.mode == "gumbel" and self.gate_trainable))
+                log_w = self._gate_logw(out, batch, grad=joint)  # `alternate` trains the gate after the step
+                # Warm-up: Dirichlet-random responsibilities break the symmetry of identical experts; they say
+                # nothing about the data, so the gate is held (no gate loss, no closed-form update) meanwhile.
                 resp = random_responsibilities(B, self.K, em.dirichlet_alpha, self.cpu_gen, self.device) \
                     if warm else None
                 res = self.loss_terms(batch, self.step, out=out, log_w=log_w, resp=resp)
@@ -344,6 +322,8 @@ class MixDPOTrainer:
                 self.acc.add({"loss": res.loss.detach(), "policy_loss": res.policy_loss.detach(),
                               "gate_loss": res.gate_loss.detach(), **res.metrics})
             self.step += 1
+            if self.gate_scheduler is not None:  # in step with the engine's lr schedule, warm-up included
+                self.gate_scheduler.step()
             bar.update(1)
 
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -355,10 +335,12 @@ class MixDPOTrainer:
                 self.logger.log(self.step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 tokens, t0 = 0, time.perf_counter()
+            paused = time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
             if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+            t0 += time.perf_counter() - paused  # tokens/s counts training time only
         bar.close()
         self.evaluate()
         self.save_checkpoint()
@@ -370,7 +352,9 @@ class MixDPOTrainer:
         if not self.data.eval:
             return {}
         bs = self.cfg.train.eval_batch_size or self.cfg.train.micro_batch_size
-        examples = self.data.eval[self.rank::self.world]
+        # Equal shards (at most world-1 pairs dropped): under ZeRO-3 every rank must run every forward.
+        n = len(self.data.eval) // self.world * self.world
+        examples = self.data.eval[:n][self.rank::self.world]
         acc = MetricAccumulator()
         self.engine.eval()
         for i in range(0, len(examples), bs):
@@ -419,14 +403,17 @@ class MixDPOTrainer:
 
     def export(self) -> Path | None:
         from mixdpo_ds.export import export_experts
+        from mixdpo_ds.parallel import dense_policy
 
         out = self.out_dir / "export"
-        policy = self.engine.module
+        policy = dense_policy(self.engine.module)  # expert parallel: gather the K heads (every rank calls it)
+        # replicated_load: the standalone expert models are built on rank 0 alone, never under zero.Init
         if self.zero_stage == 3:  # gather the full weights on every rank, write on rank 0
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
                 if self.rank == 0:
-                    export_experts(policy, self.gate, str(out), self.tokenizer, user_vocab=self.data.user_vocab)
+                    with replicated_load():
+                        export_experts(policy, self.gate, str(out), self.tokenizer, user_vocab=self.data.user_vocab)
         elif self.rank == 0:
             export_experts(policy, self.gate, str(out), self.tokenizer, user_vocab=self.data.user_vocab)
         torch.distributed.barrier()

@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
+from ep_worker import H, K, V, run_ep_checks, spawn_workers
 
 from mixdpo_ds.parallel import ExpertParallelHeads, check_expert_parallel
-
-from ep_worker import H, K, V, run_ep_checks, spawn_workers
 
 pytestmark = pytest.mark.distributed
 

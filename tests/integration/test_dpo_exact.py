@@ -44,9 +44,9 @@ def hand_dpo(model_dir: str, policy_state: dict, batch: dict):
 def test_k1_equals_hand_dpo(tiny_gpt2_dir, prefs_jsonl, tmp_path, correction):
     out = tmp_path / "k1"
     cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **{
-        "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA, "train.max_steps": 1,
-        "train.micro_batch_size": 4, "em.posterior_correction": correction, "train.reference": "model",
-        "train.export": False}))
+        "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA,
+        "train.max_steps": 1, "train.micro_batch_size": 4, "em.posterior_correction": correction,
+        "train.reference": "model", "train.export": False}))
     trainer = MixDPOTrainer(cfg)
     trainer.setup()
     try:

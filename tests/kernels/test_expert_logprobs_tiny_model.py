@@ -1,11 +1,11 @@
 """Kernel-level version of the trainer check: a tiny GPT-2 trunk with K = 3 expert heads gives the same sequence
-log-probs, Mix-DPO loss and gradients (trunk, heads, gate) with impl = naive, chunked and triton (interpreter)."""
+log-probs, Mix-DPO loss and gradients (trunk, heads, gate) with impl = naive, chunked and triton (interpreter;
+triton also for mbt_loss)."""
 import pytest
 import torch
-from mixdpo_ds.kernels import IGNORE_INDEX, expert_logprobs
+from kernel_reference import kernel_device
+from mixdpo_ds.kernels import IGNORE_INDEX, expert_logprobs, mbt_loss
 from transformers import GPT2Config, GPT2Model
-
-from mixdpo_ds.losses import mixdpo_loss
 
 B, T, K, V = 2, 12, 3, 101
 
@@ -15,15 +15,15 @@ def _model_and_batch():
     first 4 tokens of each row are prompt (label -100) and whose last row ends in 2 padding tokens."""
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, bos_token_id=0, eos_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: impls see one function
-    trunk = GPT2Model(config)
+    trunk = GPT2Model(config).to(kernel_device())
     base = trunk.wte.weight.detach()  # (V, H), the tied LM head
-    heads = torch.nn.Parameter(base.expand(K, -1, -1) + 0.02 * torch.randn(K, *base.shape))  # (K, V, H)
-    gate = torch.nn.Parameter(0.1 * torch.randn(K))
-    input_ids = torch.randint(0, V, (2 * B, T))
+    heads = torch.nn.Parameter(base.expand(K, -1, -1) + 0.02 * torch.randn_like(base.expand(K, -1, -1)))  # (K, V, H)
+    gate = torch.nn.Parameter(0.1 * torch.randn(K, device=base.device))
+    input_ids = torch.randint(0, V, (2 * B, T), device=base.device)
     labels = input_ids.clone()
     labels[:, :4] = IGNORE_INDEX
     labels[-1, -2:] = IGNORE_INDEX
-    ref_logps = -30 + torch.randn(B, 2)
+    ref_logps = -30 + torch.randn(B, 2, device=base.device)
     return trunk, heads, gate, input_ids, labels, ref_logps
 
 
@@ -34,11 +34,12 @@ def _step(impl, trunk, heads, gate, input_ids, labels, ref_logps):
     hidden = trunk(input_ids).last_hidden_state[:, :-1]  # (2B, T-1, H), predicts labels[:, 1:]
     targets = labels[:, 1:]  # (2B, T-1)
     keep = targets != IGNORE_INDEX
-    rows = torch.arange(2 * B)[:, None].expand_as(targets)[keep]  # (N,)
+    rows = torch.arange(2 * B, device=targets.device)[:, None].expand_as(targets)[keep]  # (N,)
     token_logps = expert_logprobs(hidden[keep], heads, targets[keep], impl=impl)  # (N, K)
-    seq_logps = torch.zeros(2 * B, K).index_add_(0, rows, token_logps)  # (2B, K)
+    seq_logps = token_logps.new_zeros(2 * B, K).index_add_(0, rows, token_logps)  # (2B, K)
     policy_logps = seq_logps.view(2, B, K).transpose(0, 1)  # (B, 2, K): chosen rows first
-    out = mixdpo_loss(policy_logps, ref_logps, torch.log_softmax(gate, -1), beta=0.1)
+    out = mbt_loss(policy_logps, ref_logps, torch.log_softmax(gate, -1), beta=0.1,
+                   impl="triton" if impl == "triton" else "naive")
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in trunk.named_parameters() if p.grad is not None}
     grads.update(heads=heads.grad.clone(), gate=gate.grad.clone())

@@ -23,7 +23,9 @@ def triton_kernels(monkeypatch):
      ((21, 17, 129, 5), torch.float16),  # K = 5 pads to K_PAD = 8
      ((70, 80, 300, 1), torch.float32)],  # K = 1; N and H span two token / hidden tiles
 )
-def test_triton_matches_reference(shape, dtype, triton_kernels):
+@pytest.mark.parametrize("vocab_split", [None, 3])  # forward and d_hidden over 3 vocabulary splits (the GPU's path)
+def test_triton_matches_reference(shape, dtype, vocab_split, triton_kernels, monkeypatch):
+    monkeypatch.setattr(triton_kernels, "VOCAB_SPLIT", vocab_split)
     N, H, V, K = shape
     hidden, heads, targets = make_inputs(N, H, V, K, dtype, device=kernel_device())
     grad = torch.randn(N, K, device=kernel_device())
@@ -53,3 +55,12 @@ def test_triton_rejects_fp64():
     hidden, heads, targets = make_inputs(4, 3, 10, 2, torch.float64, device=kernel_device())
     with pytest.raises(ValueError, match="fp32 / bf16 / fp16"):
         expert_logprobs(hidden, heads, targets, impl="triton")
+
+
+def test_importing_the_triton_module_keeps_the_public_functions(triton_kernels):
+    """kernels/expert_logprobs.py shares its name with the public function; the lazy import must not shadow it."""
+    import mixdpo_ds.kernels as kernels
+
+    triton_module("mbt_loss")
+    assert kernels.expert_logprobs is expert_logprobs and callable(kernels.mbt_loss)
+    assert triton_kernels.__name__ == "mixdpo_ds.kernels.expert_logprobs"

@@ -1,0 +1,78 @@
+"""Atomic checkpoints: latest pointer, rotation, a crash mid-save leaves the previous checkpoint usable,
+resume_from resolution, RNG state round trip. A fake engine stands in for DeepSpeed (the real engine is
+exercised by tests/integration/test_resume.py)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixdpo_ds import checkpoint as ckpt
+
+
+class FakeEngine:
+    def __init__(self, value: float = 0.0, fail: bool = False):
+        self.value, self.fail = value, fail
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True)
+        torch.save({"value": self.value}, d / "model.pt")
+        if self.fail:
+            raise KeyboardInterrupt("killed mid-save")
+
+    def load_checkpoint(self, load_dir, tag, **kwargs):
+        self.value = torch.load(Path(load_dir) / tag / "model.pt")["value"]
+        return str(Path(load_dir) / tag), {}
+
+
+def test_save_latest_rotation_and_load(tmp_path):
+    for step in (2, 4, 6):
+        path = ckpt.save_checkpoint(FakeEngine(step), tmp_path, step, {"step": step}, keep_last=2)
+        assert path == tmp_path / "checkpoints" / f"step_{step}"
+        assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{step}"
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 6]  # step_2 rotated away
+    engine = FakeEngine()
+    state = ckpt.load_checkpoint(engine, ckpt.find_latest(tmp_path))
+    assert state == {"step": 6} and engine.value == 6
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def test_crash_mid_save_keeps_previous(tmp_path):
+    ckpt.save_checkpoint(FakeEngine(1.0), tmp_path, 1, {"step": 1})
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(FakeEngine(2.0, fail=True), tmp_path, 2, {"step": 2})
+    assert (tmp_path / "checkpoints" / ".tmp_step_2").exists()  # the half-written save is left ...
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoints" / "step_1"  # ... and ignored
+    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / "step_1"
+    ckpt.save_checkpoint(FakeEngine(3.0), tmp_path, 3, {"step": 3})  # the next save cleans it up
+    assert not (tmp_path / "checkpoints" / ".tmp_step_2").exists()
+
+
+def test_latest_pointer_to_missing_dir_falls_back(tmp_path):
+    ckpt.save_checkpoint(FakeEngine(), tmp_path, 5, {"step": 5})
+    (tmp_path / "checkpoints" / "latest").write_text("step_9")  # e.g. rotated by hand
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoints" / "step_5"
+
+
+def test_resolve_resume(tmp_path):
+    assert ckpt.resolve_resume(None, tmp_path) is None
+    assert ckpt.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+    ckpt.save_checkpoint(FakeEngine(), tmp_path, 3, {"step": 3})
+    step3 = tmp_path / "checkpoints" / "step_3"
+    assert ckpt.resolve_resume(str(step3), tmp_path / "elsewhere") == step3
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == step3  # a run directory
+    assert ckpt.resolve_resume(str(tmp_path / "checkpoints"), tmp_path / "elsewhere") == step3
+    with pytest.raises(FileNotFoundError, match="train.resume_from"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(2))
+    ckpt.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])

@@ -11,6 +11,7 @@ for the paper's GPT-2 (124M) on IMDb one GPU is plenty, so DeepSpeed is not need
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -143,6 +144,8 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int =
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    # transformers ≥ 5.x renamed the KV-cache argument and output `past_key_values` → `cache`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     model.eval()
     for length, idx in sorted(by_len.items()):
         for lo in range(0, len(idx), batch_size):
@@ -151,8 +154,8 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int =
             done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
             step_ids, past = ids, None
             for _ in range(max_new_tokens):
-                res = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-                logits, past = res.logits[:, -1].float(), res.past_key_values
+                res = model(input_ids=step_ids, use_cache=True, **({cache_kw: past} if past is not None else {}))
+                logits, past = res.logits[:, -1].float(), res[cache_kw]
                 if greedy:
                     nxt = logits.argmax(-1)
                 else:

@@ -155,9 +155,9 @@ class MixDPOTrainer:
             reference = PolicyReference(policy) if builtin else FrozenReference(
                 paths, dtype, cfg.experts.logprob_impl, cfg.experts.chunk_size)
         self.reference, self.ref_tables = reference, None
+        if torch.cuda.is_available():  # precompute on the GPU (the engine would move the policy only later)
+            (policy if builtin else reference).to(f"cuda:{torch.cuda.current_device()}")
         if cfg.train.reference == "model":
-            if not builtin and torch.cuda.is_available():
-                reference.to(f"cuda:{torch.cuda.current_device()}")
             return
         cache_dir = cfg.train.reference_cache_dir or str(self.out_dir / "ref_cache")
         self.ref_tables = {}
@@ -423,3 +423,4 @@ class MixDPOTrainer:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
         self.engine = self.optimizer = self.reference = None
+        self._hf_ds_config = None  # else later from_pretrained calls in this process would still shard (ZeRO-3)

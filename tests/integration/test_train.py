@@ -72,7 +72,7 @@ def test_mixdpo_heads_k3(tiny_gpt2_dir, prefs_by_prompt_jsonl, tmp_path):
     rows = train(tiny_gpt2_dir, prefs_by_prompt_jsonl, run, **{
         "experts.kind": "heads", "experts.num_experts": 3, "experts.init_noise": 0.05, "gate.kind": "mix",
         "train.max_steps": 10, "train.lr": 1e-2, "train.micro_batch_size": 8, "loss.beta": 0.5,
-        "train.plots": True, "train.save_every": 5})
+        "train.plots": True, "train.save_every": 5, "train.tensorboard": True})
     steps = train_rows(rows)
     assert [r["step"] for r in steps] == list(range(1, 11))
     for name in expected_names(3):
@@ -86,6 +86,7 @@ def test_mixdpo_heads_k3(tiny_gpt2_dir, prefs_by_prompt_jsonl, tmp_path):
         exported = load_file(run / "export" / f"expert_{k}" / "model.safetensors")
         assert not torch.equal(exported["lm_head.weight"], base.lm_head.weight), k
         assert torch.equal(exported["transformer.h.0.attn.c_attn.weight"], base.transformer.h[0].attn.c_attn.weight)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
     for f in ("config.yaml", "loss.png", "responsibilities.png", "export/gate/gate.json", "checkpoints/latest"):
         assert (run / f).exists(), f
     check_export_logps(run, 3)

@@ -10,9 +10,12 @@ setup(
     version="0.1.0",
     description="Mixture-of-experts DPO (Mix-DPO / MoE-DPO) trainer on DeepSpeed",
     python_requires=">=3.10",
-    packages=["mixdpo_ds", "mixdpo_ds.kernels", "mixdpo_ds.datasets"],
-    package_dir={"mixdpo_ds": "mixdpo_ds", "mixdpo_ds.kernels": "kernels"},
-    package_data={"mixdpo_ds": ["configs/*.yaml", "ds_configs/*.json"]},
+    # kernels/, configs/ and ds_configs/ sit at the top level of the repository (STYLE.md's layout) and are
+    # installed inside the package, so a non-editable install finds `deepspeed.config=zero2` and the run YAMLs.
+    packages=["mixdpo_ds", "mixdpo_ds.kernels", "mixdpo_ds.datasets", "mixdpo_ds.configs", "mixdpo_ds.ds_configs"],
+    package_dir={"mixdpo_ds": "mixdpo_ds", "mixdpo_ds.kernels": "kernels", "mixdpo_ds.configs": "configs",
+                 "mixdpo_ds.ds_configs": "ds_configs"},
+    package_data={"mixdpo_ds.configs": ["*.yaml"], "mixdpo_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -30,14 +30,15 @@ IGNORE_INDEX = -100
 KINDS = ("heads", "models", "lora")
 TRUNK_MODES = ("frozen", "trainable")
 LOGPROB_IMPLS = ("auto", "naive", "chunked", "triton")
+DEFAULT_INIT_NOISE = 0.05
 
 
 @dataclass
 class ExpertsConfig:
     kind: str = field(default="heads", metadata={"help": "heads (Case 1) | models (Case 2) | lora (K adapters)"})
     num_experts: int = field(default=3, metadata={"help": "K, the number of experts"})
-    init_noise: float = field(default=0.0, metadata={
-        "help": "std of the Gaussian noise added to each expert copy, relative to the std of the weight it is added "
+    init_noise: float | None = field(default=None, metadata={
+        "help": "None: 0.05 when num_experts > 1 (symmetry must be broken: SPEC §1), else 0. Otherwise the std of the Gaussian noise added to each expert copy, relative to the std of the weight it is added "
                 "to: heads: the base head; models: every weight matrix (ndim >= 2); lora: each lora_B gets noise "
                 "relative to its base layer's weight std. 0 keeps the copies identical (symmetry: SPEC §1)"})
     trunk: str = field(default="frozen", metadata={
@@ -67,6 +68,8 @@ class ExpertsConfig:
             raise ValueError(f"experts.kind={self.kind!r}: allowed {KINDS}")
         if self.num_experts < 1:
             raise ValueError(f"experts.num_experts={self.num_experts}: must be >= 1")
+        if self.init_noise is None:
+            self.init_noise = DEFAULT_INIT_NOISE if self.num_experts > 1 else 0.0
         if self.init_noise < 0:
             raise ValueError(f"experts.init_noise={self.init_noise}: must be >= 0")
         if self.trunk not in TRUNK_MODES:

@@ -21,6 +21,7 @@ def _one_thread():
 
 
 def _policy(path, kind="heads", k=3, **kw):
+    kw.setdefault("init_noise", 0.0)  # tests state their noise; the library default is 0.05 for K > 1
     return build_policy(path, ExpertsConfig(kind=kind, num_experts=k, logprob_impl="naive", **kw))
 
 
@@ -189,6 +190,13 @@ def test_builtin_reference_is_the_base_model(tiny_gpt2_dir, kind):
     ref = policy.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
     torch.testing.assert_close(ref, hf_sequence_logps(base, batch), atol=1e-5, rtol=0)
     assert not _policy(tiny_gpt2_dir, trunk="trainable").has_builtin_reference
+
+
+def test_default_init_noise_breaks_symmetry_only_when_k_above_one():
+    """Default `init_noise=None` resolves to 0.05 for K > 1 (symmetry must be broken) and 0 for K = 1 (plain DPO)."""
+    assert ExpertsConfig(num_experts=3).init_noise == 0.05
+    assert ExpertsConfig(num_experts=1).init_noise == 0.0
+    assert ExpertsConfig(num_experts=3, init_noise=0.0).init_noise == 0.0
 
 
 def test_models_from_init_paths(tiny_gpt2_dir, tmp_path, tiny_tokenizer):

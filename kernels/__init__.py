@@ -74,6 +74,7 @@ def expert_logprobs(
         chunk_size: tokens per logits tile ("chunked" only; see `kernels/chunked.py` for the memory bound).
     Returns:
         (N, K) fp32 log-probs (all math in fp32); gradients reach hidden and heads in their own dtypes.
+        fp64 inputs (test references): naive and chunked compute and return fp64, triton refuses them.
     """
     _check_expert_inputs(hidden, heads, targets)
     if _check_impl(impl) == "naive":

@@ -40,13 +40,20 @@ class DemoConfig:
     num_test: int = field(default=400, metadata={"help": "held-out pairs per task"})
     num_sft: int = field(default=2000, metadata={"help": "SFT rows per task"})
     sft_steps: int = field(default=150, metadata={"help": "SFT warm-up steps"})
-    steps: int = field(default=200, metadata={"help": "DPO / Mix-DPO / MoE-DPO steps (the same for all)"})
+    steps: int = field(default=250, metadata={"help": "DPO / Mix-DPO / MoE-DPO steps (the same for all)"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
     lr: float = field(default=1e-2, metadata={"help": "lr of the expert heads (frozen trunk)"})
     beta: float = field(default=0.1, metadata={"help": "DPO β"})
-    init_noise: float = field(default=0.1, metadata={"help": "relative std of the noise on each head copy"})
-    warmup_random_steps: int = field(default=20, metadata={"help": "Dirichlet-random E-step warm-up steps"})
-    gate_lr: float = field(default=1e-2, metadata={"help": "MoE gate lr"})
+    init_noise: float = field(default=0.1, metadata={"help": "relative std of the noise on each head copy (the "
+                                                                "symmetry breaking of Mix-DPO)"})
+    warmup_random_steps: int = field(default=0, metadata={"help": "Dirichlet-random E-step warm-up steps"})
+    gate_rho: float = field(default=0.05, metadata={"help": "Mix-DPO closed-form weight update rate ρ"})
+    gate_lr: float = field(default=5e-2, metadata={"help": "MoE gate lr"})
+    gate_pretrain_steps: int = field(default=200, metadata={
+        "help": "MoE-DPO (contextual): supervised pre-training of the linear prompt gate on the domain label, then "
+                "frozen (the paper's §4.2 classifier and its 'frozen gating layer' case)"})
+    user_gate: bool = field(default=True, metadata={
+        "help": "also train MoE-DPO K=3 gated on the annotator id (`user`) on the multi-reward task"})
     n_embd: int = field(default=64, metadata={"help": "tiny GPT-2 width"})
     n_layer: int = field(default=2, metadata={"help": "tiny GPT-2 depth"})
     num_samples: int = field(default=200, metadata={"help": "held-out prompts sampled per model (Tables 1, 2)"})
@@ -57,7 +64,7 @@ class DemoConfig:
             raise ValueError(f"demo.seeds must be >= 1, got {self.seeds}")
         if self.fast:
             self.num_train, self.num_test, self.num_sft = 800, 200, 800
-            self.sft_steps, self.steps, self.num_samples = 60, 80, 80
+            self.sft_steps, self.steps, self.num_samples, self.user_gate = 60, 80, 80, False
 
 
 def _say(msg: str, t0: float) -> None:
@@ -75,13 +82,13 @@ def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K:
         "data": {"path": train_path, "max_length": 32, "max_prompt_length": 8},
         "experts": {"kind": "heads", "num_experts": K, "trunk": "frozen", "logprob_impl": "naive",
                     "init_noise": cfg.init_noise if K > 1 else 0.0},
-        "gate": {"kind": gate, "features": "prompt", "arch": "linear", "lr": cfg.gate_lr},
+        "gate": {"kind": gate, "features": "prompt", "arch": "linear", "lr": cfg.gate_lr, "rho": cfg.gate_rho},
         "em": {"mode": "exact", "posterior_correction": 1, "gate_update": "joint",
                "warmup_random_steps": cfg.warmup_random_steps if K > 1 else 0},
         "loss": {"beta": cfg.beta},
         "train": {"output_dir": run_dir, "max_steps": cfg.steps, "micro_batch_size": cfg.batch_size,
                   "lr": cfg.lr, "log_every": 10, "keep_last": 1, "progress_bar": cfg.progress_bar,
-                  "export": True, "plots": False, "seed": seed},
+                  "export": True, "plots": False, "seed": seed, "reference": "precompute"},
         "deepspeed": {"config": "zero0"},
     }, overrides or {}))
 
@@ -217,6 +224,17 @@ def _domain_scores(rows: list[dict], responses: list[str], rewards: dict) -> dic
     return out
 
 
+def run_plan(cfg: DemoConfig) -> list[tuple[str, str, int, str, dict]]:
+    """(name, task, K, gate kind, run-config overrides) of the demo's runs; same steps, batch and lr for all."""
+    plan = [("dpo_multi", "multi", 1, "mix", {}), ("mixdpo", "multi", 3, "mix", {}),
+            ("dpo_ctx", "contextual", 1, "mix", {}),
+            ("moedpo", "contextual", 2, "moe", {"em": {"gate_update": "frozen"}, "gate": {
+                "pretrain_steps": cfg.gate_pretrain_steps, "pretrain_label_column": "group"}})]
+    if cfg.user_gate:
+        plan.append(("moe_user", "multi", 3, "moe", {"gate": {"features": "user"}, "em": {"lambda_global": 1.0}}))
+    return plan
+
+
 def run_seed(cfg: DemoConfig, seed: int, tokenizer, t0: float) -> dict:
     """Data → SFT → four runs → held-out metrics → samples, for one seed."""
     root = os.path.join(cfg.out, "runs", f"seed_{seed}")
@@ -234,14 +252,12 @@ def run_seed(cfg: DemoConfig, seed: int, tokenizer, t0: float) -> dict:
                                        n_embd=cfg.n_embd, seed=seed)
     result["sft_loss"] = [losses[0], losses[-1]]
     runs = {}
-    plan = [("dpo_multi", "multi", 1, "mix"), ("mixdpo", "multi", 3, "mix"),
-            ("dpo_ctx", "contextual", 1, "mix"), ("moedpo", "contextual", 2, "moe")]
-    for name, task, K, gate in plan:
+    for name, task, K, gate, overrides in run_plan(cfg):
         rcfg, paths, _ = tasks[task]
         t1 = time.perf_counter()
         _say(f"seed {seed}: {name} (K={K}, gate={gate}) {cfg.steps} steps", t0)
         run_dir = os.path.join(root, name)
-        res = train_and_evaluate(cfg, base_dir, paths, run_dir, K, gate, seed, rcfg.groups())
+        res = train_and_evaluate(cfg, base_dir, paths, run_dir, K, gate, seed, rcfg.groups(), overrides)
         res["export"] = os.path.join(run_dir, "export")
         res["metrics"] = held_out_metrics(res["rows"], rcfg.groups(), K)
         res["seconds"] = time.perf_counter() - t1
@@ -273,9 +289,13 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
 
 
 def _quiet() -> None:
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "mixdpo_ds"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -97,6 +97,9 @@ class ExpertsConfig:
         if self.ep_size < 1 or self.num_experts % self.ep_size:
             raise ValueError(f"experts.ep_size={self.ep_size}: must be >= 1 and divide experts.num_experts="
                              f"{self.num_experts}")
+        if self.ep_size > 1 and self.kind != "heads":
+            raise ValueError(f"experts.ep_size={self.ep_size} is implemented for experts.kind='heads' only, "
+                             f"got {self.kind!r}; use experts.ep_size=1")
 
     def expert_lr(self, k: int, lr: float) -> float:
         if self.lr_experts is None:

@@ -248,14 +248,15 @@ class ExpertParallelHeads(MoE):
             out = token_logps.new_zeros(num_seqs, self.num_experts)
             return out.index_add(0, seq_index, token_logps)
         group, P = self.ep_group, self.ep_size
-        sizes = torch.tensor([hidden.shape[0], num_seqs], dtype=torch.long)
+        sizes = torch.tensor([hidden.shape[0], num_seqs], dtype=torch.long, device=hidden.device)  # NCCL: on device
         all_sizes = [torch.empty_like(sizes) for _ in range(P)]
         torch_dist.all_gather(all_sizes, sizes, group=group)
         counts = [int(s[0]) for s in all_sizes]  # tokens per rank
         s_max = max(int(s[1]) for s in all_sizes)  # sequences per rank, padded to the largest
         hidden_all = _GatherRows.apply(hidden, counts, group)  # (Σ N_j, H)
         targets_all = _gather_no_grad(targets, counts, group)  # (Σ N_j,)
-        offsets = torch.repeat_interleave(torch.arange(P) * s_max, torch.tensor(counts))
+        offsets = torch.repeat_interleave(torch.arange(P, device=hidden.device) * s_max,
+                                          torch.tensor(counts, device=hidden.device))
         seq_all = _gather_no_grad(seq_index, counts, group) + offsets  # (Σ N_j,) row in (P·S_max)
         token_logps = _local_logprobs(hidden_all, heads, targets_all, self.logprob_impl, self.chunk_size)
         table = token_logps.new_zeros(P * s_max, self.num_local_experts).index_add(0, seq_all, token_logps)

@@ -47,6 +47,15 @@ def accuracy_table_multi(results: list[dict]) -> list[str]:
         row("DPO (K=1)", lambda r, c: r["dpo_multi"]["metrics"]["mixture"][c]),
         row("Mix-DPO K=3, mixture P = Σ w σ(Δ)", lambda r, c: r["mixdpo"]["metrics"]["mixture"][c]),
         row("Mix-DPO K=3, group's matched expert (routed)", lambda r, c: r["mixdpo"]["metrics"]["routed"][c]),
+    ]
+    if "moe_user" in results[0]:
+        rows += [
+            row("MoE-DPO K=3 gated on the annotator id, P = Σ w(u) σ(Δ)",
+                lambda r, c: r["moe_user"]["metrics"]["mixture"][c]),
+            row("MoE-DPO K=3 (annotator id), group's matched expert",
+                lambda r, c: r["moe_user"]["metrics"]["routed"][c]),
+        ]
+    rows += [
         row("ceiling: best single reward (group-blind)", ceil("best_single_reward_accuracy")),
         row("ceiling: best mixture (true rules, global w)", ceil("best_mixture_accuracy")),
         row("ceiling: oracle routed (true rule of the group)", ceil("oracle_routed_accuracy")),
@@ -281,7 +290,12 @@ def write_report(out_dir: str, results: list[dict], config: dict, seconds: float
           "independently of prompt and responses.", ""]
     L += accuracy_table_multi(results)
     L += ["", f"Mix-DPO recovery accuracy (best-permutation argmax q vs true group): "
-          f"{fmt([r['mixdpo']['metrics']['recovery'] for r in results])}.", ""]
+          f"{fmt([r['mixdpo']['metrics']['recovery'] for r in results])}."]
+    if "moe_user" in results[0]:
+        L += [f"MoE-DPO on the annotator id: recovery {fmt([r['moe_user']['metrics']['recovery'] for r in results])}, "
+              f"gate routing {fmt([r['moe_user']['metrics']['gate_routing'] for r in results])} (each annotator id "
+              "belongs to one group, so the gate pools the evidence of all of an annotator's pairs)."]
+    L += [""]
     L += _ceiling_lines(results, "multi")
     L += ["", "Every expert on every group's pairs:", ""] + expert_group_table(results, "mixdpo", "multi")
     L += ["", "### Table 1 shape: mean annotator reward of samples from held-out prompts", ""]
@@ -308,7 +322,8 @@ def write_report(out_dir: str, results: list[dict], config: dict, seconds: float
         L.append("")
     L += ["## Time", ""]
     L += _table(["run", "seconds per seed (train + evaluate)"],
-                [[k, fmt([r[k]["seconds"] for r in results])] for k in ("dpo_multi", "mixdpo", "dpo_ctx", "moedpo")])
+                [[k, fmt([r[k]["seconds"] for r in results])] for k in ("dpo_multi", "mixdpo", "dpo_ctx", "moedpo",
+                                                                          "moe_user") if k in results[0]])
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")

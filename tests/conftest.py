@@ -5,9 +5,15 @@ pad `<pad>` (0), eos/bos `<eos>` (1), unk `<unk>` (2), and a chat template (see 
 `tiny_gpt2_dir`: a directory with a seeded 2-layer GPT-2 (n_embd 32, n_head 2, n_positions 128) and the
 tokenizer, loadable with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
 """
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton picks interpreter or compiler when `triton` is first imported (deepspeed imports it), so this must run
+# before any test module is collected: on a CPU-only machine the kernels run under the interpreter (SPEC §3).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from mixdpo_ds.tiny import build_tiny_model, build_tiny_tokenizer
 

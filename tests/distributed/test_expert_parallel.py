@@ -56,3 +56,17 @@ def test_ep1_equals_dense_logprobs():
     expected = torch.stack([logp[0, :, 1] + logp[1, :, 4], torch.zeros(2)])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(module.gather_dense_state(), heads)
+
+
+def test_zero3_with_expert_parallel_is_a_clear_error():
+    """The trainer keeps an HfDeepSpeedConfig alive for ZeRO-3; building EP heads under it must refuse."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from mixdpo_ds.experts import ExpertsConfig
+    from mixdpo_ds.parallel import build_expert_parallel_heads
+
+    ds = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    cfg = ExpertsConfig(num_experts=4, ep_size=2)
+    with pytest.raises(ValueError, match=r"experts.ep_size=2 needs ZeRO stage 0, 1 or 2"):
+        build_expert_parallel_heads(torch.zeros(4, 5, 3), cfg)
+    del ds

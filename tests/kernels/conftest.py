@@ -1,17 +1,36 @@
 """Kernel tests run the Triton kernels under the interpreter on CPU (SPEC §3).
 
-TRITON_INTERPRET must be set before the `@triton.jit` decorators of mixdpo_ds.kernels' Triton modules run;
-those modules are imported lazily (on the first impl="triton" call), so setting it here, at collection, is
-early enough even when other test modules imported triton or mixdpo_ds.kernels first. `setdefault`: on a GPU
-machine benchmarks/gpu_check.sh sets TRITON_INTERPRET=0 to test the compiled kernels.
+`@triton.jit` picks interpreter or compiler when the decorator runs, which happens at import: for our kernels
+(mixdpo_ds.kernels imports its Triton modules lazily, on the first impl="triton" call, so setting
+TRITON_INTERPRET here, at collection, is early enough) and for Triton's own library functions (tl.zeros, tl.sum,
+...) when `triton` is first imported. In a full `pytest tests` run an earlier test module has usually imported
+triton already (deepspeed does), so those are re-imported below. `setdefault`: on a GPU machine
+benchmarks/gpu_check.sh sets TRITON_INTERPRET=0 to test the compiled kernels.
 """
+import importlib
 import os
+import sys
 
 import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+
+def _interpret_triton_library() -> None:
+    """Re-import triton.language's @jit library if triton was imported before TRITON_INTERPRET=1: the interpreter
+    cannot call its compiled-mode objects ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    if os.environ["TRITON_INTERPRET"] != "1" or "triton" not in sys.modules:
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.zeros, InterpretedFunction):
+        for name in ("triton.language.standard", "triton.language.random", "triton.language"):
+            importlib.reload(sys.modules[name])
+
+
+_interpret_triton_library()
 
 
 @pytest.fixture(autouse=True)

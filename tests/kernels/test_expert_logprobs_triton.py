@@ -1,5 +1,7 @@
 """Triton expert_logprobs against the fp64 naive reference: outputs and both gradients, under TRITON_INTERPRET=1
 on CPU (compiled on a GPU via benchmarks/gpu_check.sh)."""
+import math
+
 import pytest
 import torch
 from kernel_reference import assert_no_worse_than_naive, kernel_device, make_inputs, reference, run
@@ -49,6 +51,28 @@ def test_triton_lse_table_and_partial_grads(triton_kernels):
     expert_logprobs(h, heads, targets, impl="triton").sum().backward()
     ref = run("naive", hidden, heads, targets, torch.ones(9, 3, device=kernel_device()))
     torch.testing.assert_close(h.grad, ref["d_hidden"], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_hand_computed_one_head(triton_kernels):
+    """As tests/kernels/test_expert_logprobs_chunked.py: z = [0, ln 3], p = [1/4, 3/4], target 1 → ln(3/4);
+    d hidden = ln(3)/4, d heads = [[−1/4], [1/4]]; the ignored second token gives 0 and no gradient."""
+    device = kernel_device()
+    hidden = torch.tensor([[1.0], [2.0]], device=device)
+    heads = torch.tensor([[[0.0], [math.log(3.0)]]], device=device)
+    out = run("triton", hidden, heads, torch.tensor([1, IGNORE_INDEX], device=device), torch.ones(2, 1, device=device))
+    torch.testing.assert_close(out["logps"].cpu(), torch.tensor([[math.log(0.75)], [0.0]]))
+    torch.testing.assert_close(out["d_hidden"].cpu(), torch.tensor([[math.log(3.0) / 4], [0.0]]))
+    torch.testing.assert_close(out["d_heads"].cpu(), torch.tensor([[[-0.25], [0.25]]]))
+
+
+def test_triton_is_deterministic(triton_kernels, monkeypatch):
+    """No atomics: two runs give bitwise-equal outputs and gradients (vocabulary splits included)."""
+    monkeypatch.setattr(triton_kernels, "VOCAB_SPLIT", 2)
+    hidden, heads, targets = make_inputs(70, 40, 300, 3, torch.bfloat16, device=kernel_device())
+    grad = torch.randn(70, 3, device=kernel_device())
+    first, second = (run("triton", hidden, heads, targets, grad) for _ in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 def test_triton_rejects_fp64():

@@ -88,3 +88,15 @@ def test_mbt_loss_triton_hand_computed_k1_is_dpo():
     assert math.isclose(out.policy_loss.item(), 0.31326, abs_tol=1e-5) and out.gate_loss.item() == 0
     assert math.isclose(out.corrected_margins.item(), 1.0, abs_tol=1e-6) and out.resp.item() == 1
     torch.testing.assert_close(policy.grad.view(2).cpu(), torch.tensor([-0.13447, 0.13447]), atol=1e-5, rtol=0)
+
+
+def test_mbt_loss_triton_has_the_signature_of_mixdpo_loss():
+    """Same parameter names, order and defaults as mixdpo_ds.losses.mixdpo_loss, so a change there shows here."""
+    import inspect
+
+    from mixdpo_ds.losses import mixdpo_loss
+
+    def params(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert params(triton_module("mbt_loss").mbt_loss_triton) == params(mixdpo_loss)

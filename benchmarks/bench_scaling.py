@@ -67,7 +67,10 @@ def launch(ranks: int, model: str, overrides: list[str], work: Path) -> dict:
     args = [__file__, "--worker", str(work), model, *overrides]
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_accelerators", str(ranks), "--master_port",
            str(port), "--no_local_rank", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # a process group of this process (e.g. under pytest) must not leak its RANK / MASTER_PORT into the ranks
+    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in dist_vars}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")

@@ -191,9 +191,10 @@ def train(config: str, overrides: list[str]) -> int:
 
 
 def evaluate(run: str, data: str, out: str, rewards: dict[str, Reward], max_prompts: int | None = None,
-             max_new_tokens: int = 48, seed: int = 0) -> dict:
+             max_new_tokens: int = 48, seed: int = 0, by_domain: dict[str, str] | None = None) -> dict:
     """Mean reward (± standard error, as the paper's tables) of samples from each expert and from the mixture
-    (z ~ w(x) for a global gate; per-prompt weights for an MoE gate) on the prompts of `data`."""
+    (z ~ w(x) for a global gate; per-prompt weights for an MoE gate) on the prompts of `data`. With `by_domain`
+    (Table 2) each prompt is scored only by its domain's reward: columns "DOMAIN (REWARD)"."""
     import torch
     from transformers import AutoTokenizer
 
@@ -219,13 +220,16 @@ def evaluate(run: str, data: str, out: str, rewards: dict[str, Reward], max_prom
     rng = np.random.default_rng(seed)
     z = [rng.choice(K, p=wi / wi.sum()) for wi in w]
     samples["mixture"] = [samples[f"expert {k}"][i] for i, k in enumerate(z)]
+    columns = {rname: (f, None) for rname, f in rewards.items()} if not by_domain else \
+        {f"{dom} ({rname})": (rewards[rname], dom) for dom, rname in by_domain.items()}
     table = {}
     for name, ys in samples.items():
         table[name] = {}
-        for rname, f in rewards.items():
-            vals = np.array([f(p, y) for p, y in zip(prompts, ys, strict=True)])
-            table[name][rname] = {"mean": float(vals.mean()), "se": float(vals.std(ddof=1) / math.sqrt(len(vals)))
-                                  if len(vals) > 1 else 0.0}
+        for col, (f, dom) in columns.items():
+            vals = np.array([f(p, y) for p, y, r in zip(prompts, ys, rows, strict=True)
+                             if dom is None or r.get("domain") == dom])
+            table[name][col] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
+                                "se": float(vals.std(ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else 0.0}
     with open(out, "w") as f:
         json.dump({"run": run, "n_prompts": len(prompts), "table": table}, f, indent=1)
     return table
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--n", type=int, default=2)
         else:
             s.add_argument("--reward", action="append", required=True, help="NAME=SPEC, see load_reward")
+            s.add_argument("--by-domain", default=None, help="domain=reward,...: score each prompt by its domain")
     s = sub.add_parser("annotate")
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
@@ -277,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pairs_arg(text: str | None) -> dict[str, str] | None:
+    """"movie=a,book=b" → {"movie": "a", "book": "b"}."""
+    return dict(kv.split("=", 1) for kv in text.split(",")) if text else None
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.stage == "prepare":
@@ -288,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.stage == "annotate":
         print(annotate(a.data, a.out, parse_rewards(a.reward)))
     elif a.stage == "pairs":
-        by_domain = dict(kv.split("=") for kv in a.by_domain.split(",")) if a.by_domain else None
+        by_domain = _pairs_arg(a.by_domain)
         groups = a.groups.split(",") if a.groups else None
         if not (by_domain or groups):
             raise SystemExit("pairs: give --groups (multi-reward) or --by-domain (contextual)")
@@ -296,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.stage == "train":
         return train(a.config, a.overrides)
     else:
-        print(json.dumps(evaluate(a.run, a.data, a.out, parse_rewards(a.reward), a.max_prompts, a.max_new_tokens),
-                         indent=1))
+        print(json.dumps(evaluate(a.run, a.data, a.out, parse_rewards(a.reward), a.max_prompts, a.max_new_tokens,
+                                  by_domain=_pairs_arg(a.by_domain)), indent=1))
     return 0
 
 

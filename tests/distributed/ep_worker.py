@@ -39,6 +39,13 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     fn(rank, world, *args)
 
 
+def clean_env() -> dict:
+    """os.environ without the process-group variables: a test that initialised torch.distributed in the pytest
+    process (RANK, WORLD_SIZE=1, MASTER_PORT of its store) must not leak them into launched ranks."""
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def global_batch(seed: int = 0):
     """SEQS sequences of lengths 2..6 (so token counts differ per rank): ids, targets, seq_index."""
     g = torch.Generator().manual_seed(seed)

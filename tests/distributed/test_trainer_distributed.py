@@ -11,13 +11,13 @@ With AdamW a wrong gradient *scale* barely changes an update; the SGD checks of 
 test_expert_parallel.py.
 """
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ep_worker import clean_env
 
 pytestmark = pytest.mark.distributed
 
@@ -45,7 +45,7 @@ def _launch(out: Path, model: str, specs: list[str], nprocs: int) -> None:
     cmd = [sys.executable, *args] if nprocs == 1 else [
         str(Path(sys.executable).with_name("deepspeed")), "--num_accelerators", str(nprocs),
         "--master_port", str(_free_port()), "--no_local_rank", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 

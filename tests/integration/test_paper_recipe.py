@@ -81,6 +81,9 @@ def test_all_stages_end_to_end(stand_ins):
     assert set(table["mixture"]) == set(rewards)
     assert all(0 <= v["mean"] <= 1 and v["se"] >= 0 for row in table.values() for v in row.values())
     assert json.load(open(root / "table.json"))["n_prompts"] == 4
+    t2 = paper.evaluate(run, both, str(root / "table2.json"), rewards, max_new_tokens=6,
+                        by_domain={"movie": "sentiment", "book": "informativeness"})
+    assert set(t2["mixture"]) == {"movie (sentiment)", "book (informativeness)"}
 
 
 def test_hf_pipeline_reward_on_a_tiny_local_classifier(stand_ins, tmp_path):

@@ -240,10 +240,15 @@ class MixDPOTrainer:
             log_w = self._gate_logw(out, batch, grad=False)
         phase = self.schedule.at(step / self.total_steps)
         beta = phase.beta if phase.beta is not None else self.cfg.loss.beta
+        mode, noise = mode or em.mode, None
+        if mode == "gumbel" and self.world > 1:  # global draws, this rank's rows: the same noise as a 1-rank run
+            from mixdpo_ds.gumbel import sample_gumbel
+            noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
+                                  device=self.device)[:, self.rank * B:(self.rank + 1) * B]
         return mixdpo_loss(as_pairs(out.logps, B), self._ref_logps(batch, split), log_w, beta,
                            posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
-                           estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode or em.mode,
-                           gumbel=em.gumbel, generator=self.dev_gen, tau=tau_at(step, em))
+                           estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
+                           gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em))
 
     def _next_batch(self) -> dict:
         t = self.cfg.train
@@ -295,8 +300,9 @@ class MixDPOTrainer:
                 log_w = self._gate_logw(out, batch, grad=joint)  # `alternate` trains the gate after the step
                 # Warm-up: Dirichlet-random responsibilities break the symmetry of identical experts; they say
                 # nothing about the data, so the gate is held (no gate loss, no closed-form update) meanwhile.
-                resp = random_responsibilities(B, self.K, em.dirichlet_alpha, self.cpu_gen, self.device) \
-                    if warm else None
+                # Drawn for the global batch, this rank keeps its rows: the same draws as a 1-rank run.
+                resp = random_responsibilities(B * self.world, self.K, em.dirichlet_alpha, self.cpu_gen,
+                                               self.device)[self.rank * B:(self.rank + 1) * B] if warm else None
                 res = self.loss_terms(batch, self.step, out=out, log_w=log_w, resp=resp)
                 self.engine.backward(res.loss if joint else res.policy_loss)
                 self.engine.step()  # a real optimizer step only at the accumulation boundary

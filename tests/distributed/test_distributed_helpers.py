@@ -47,3 +47,23 @@ def _check_reductions(rank: int, world: int) -> None:
 
 def test_global_reductions_two_ranks():
     spawn_workers(_check_reductions, 2)
+
+
+def test_init_distributed_maps_slurm_variables():
+    """Under `srun` (launch/slurm.sbatch) RANK / WORLD_SIZE / LOCAL_RANK come from SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID; one task here, so rank 0 of 1 with LOCAL_RANK 0."""
+    import socket
+    import subprocess
+    import sys
+
+    from ep_worker import clean_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**clean_env(), "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    code = ("import os; from mixdpo_ds import distributed as d; d.init_distributed(); "
+            "print('RESULT', d.rank(), d.world_size(), os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "RESULT 0 1 0 1" in out.stdout, out.stdout + out.stderr[-3000:]

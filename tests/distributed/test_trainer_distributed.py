@@ -1,14 +1,14 @@
 """`mixdpo train` (MixDPOTrainer) on 2 CPU ranks under the real `deepspeed` launcher (issue 5).
 
 Two launcher starts serve every test (a start costs 15-30 s): one single-process run of the 1-rank ZeRO-0
-references, one 2-rank run of ZeRO-2, ZeRO-3 and expert parallel (ep_size=2, ZeRO-2; also interrupted at
-step 2 and resumed). Each rank draws the
-same global batch and keeps its half (micro_batch_size 2 × 2 ranks = the reference's 4), fp32, gradient
-clipping off, AdamW. Checked: per-step losses equal the 1-rank run (1e-5); the ZeRO-3 export loads with
-`from_pretrained` and reproduces the engine's log-probs; expert parallel matches dense K=4 (1e-6), halves
-the heads' bytes per rank, writes one checkpoint file per expert, and resume equals the uninterrupted run.
-With AdamW a wrong gradient *scale* barely changes an update; the SGD checks of that are in
-test_expert_parallel.py.
+references, one 2-rank run of ZeRO-2, ZeRO-3, a MoE-DPO gate and Gumbel mode at ZeRO-2, and expert parallel (ep_size=2,
+ZeRO-2; also interrupted at step 2 and resumed). Each rank draws the same global batch and keeps its half
+(micro_batch_size 2 × 2 ranks = the reference's 4) and its rows of the global warm-up responsibilities
+(step 1); fp32, gradient clipping off, AdamW. Checked: per-step losses equal the 1-rank run (1e-5); the
+ZeRO-3 export loads with `from_pretrained` and reproduces the engine's log-probs; expert parallel matches
+dense K=4 (1e-6), halves the heads' bytes per rank, writes one checkpoint file per expert, and resume
+equals the uninterrupted run. With AdamW a wrong gradient *scale* barely changes an update; the SGD checks
+of that are in test_expert_parallel.py.
 """
 import json
 import socket
@@ -23,11 +23,17 @@ pytestmark = pytest.mark.distributed
 
 WORKER = str(Path(__file__).with_name("trainer_worker.py"))
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = "train.max_steps=3,train.save_every=0"
+STEPS = "train.max_steps=3,train.save_every=0,em.warmup_random_steps=1"  # step 1: Dirichlet-random resp
+MOE = "gate.kind=moe,em.gate_update=alternate,train.export=false"  # gating network, refresh + gate step
+GUMBEL = "em.mode=gumbel,em.gumbel.samples=2,train.export=false"  # Gumbel noise: global draws, rank's rows
 EP = "deepspeed.config=zero2,train.micro_batch_size=2,experts.num_experts=4,experts.ep_size=2"
 REFS = [f"ref3:deepspeed.config=zero0,train.micro_batch_size=4,{STEPS}",
-        "ref4:deepspeed.config=zero0,train.micro_batch_size=4,experts.num_experts=4,train.max_steps=4"]
+        "ref4:deepspeed.config=zero0,train.micro_batch_size=4,experts.num_experts=4,train.max_steps=4",
+        f"refm:deepspeed.config=zero0,train.micro_batch_size=4,{MOE},{STEPS}",
+        f"refg:deepspeed.config=zero0,train.micro_batch_size=4,{GUMBEL},{STEPS}"]
 DIST = [f"z2:deepspeed.config=zero2,train.micro_batch_size=2,{STEPS}",
+        f"zm:deepspeed.config=zero2,train.micro_batch_size=2,{MOE},{STEPS}",
+        f"zg:deepspeed.config=zero2,train.micro_batch_size=2,{GUMBEL},{STEPS}",
         f"z3:deepspeed.config=zero3,train.micro_batch_size=2,{STEPS}",
         f"ep2:{EP},train.max_steps=4,train.save_every=2,train.keep_last=0",
         f"ep2r:{EP},train.max_steps=2,train.export=false",  # interrupted after step 2 ...
@@ -77,6 +83,18 @@ def _assert_losses_match(run: Path, ref: Path, tol: float) -> None:
 @pytest.mark.parametrize("name", ["z2", "z3"])
 def test_two_ranks_match_one_rank(runs, name):
     _assert_losses_match(runs / name, runs / "ref3", 1e-5)
+
+
+def test_moe_gate_two_ranks_match_one_rank(runs):
+    """MoE-DPO gate (prompt features -> w), alternate updates: the gate's gradients are averaged over ranks by hand
+    (it is outside the engine); its loss and the policy's must follow the 1-rank run."""
+    _assert_losses_match(runs / "zm", runs / "refm", 1e-5)
+    for g, w in zip(_metrics(runs / "zm"), _metrics(runs / "refm"), strict=True):
+        assert abs(g["gate_loss"] - w["gate_loss"]) < 1e-5 and abs(g["gate/entropy"] - w["gate/entropy"]) < 1e-5
+
+
+def test_gumbel_two_ranks_match_one_rank(runs):
+    _assert_losses_match(runs / "zg", runs / "refg", 1e-5)
 
 
 def test_zero3_export_matches_in_training_logps(runs):

@@ -241,7 +241,7 @@ class MixDPOTrainer:
         phase = self.schedule.at(step / self.total_steps)
         beta = phase.beta if phase.beta is not None else self.cfg.loss.beta
         mode, noise = mode or em.mode, None
-        if mode == "gumbel" and self.world > 1:  # global draws, this rank's rows: the same noise as a 1-rank run
+        if mode == "gumbel" and resp is None and self.world > 1:  # global draws, this rank's rows: = 1-rank noise
             from mixdpo_ds.gumbel import sample_gumbel
             noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
                                   device=self.device)[:, self.rank * B:(self.rank + 1) * B]

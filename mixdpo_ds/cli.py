@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="greedy decoding from the chosen expert")
     g.set_defaults(func=_generate)
 
-    d = sub.add_parser("demo", help="the embedded default run (mixdpo_ds.demo)")
+    d = sub.add_parser("demo", help="the embedded default run (mixdpo_ds.demo)",
+                       add_help=False)  # `mixdpo demo --help` shows the demo's own options
     d.add_argument("demo_args", nargs=argparse.REMAINDER)
     d.set_defaults(func=_demo)
     return p

@@ -38,7 +38,8 @@ class ExpertsConfig:
     kind: str = field(default="heads", metadata={"help": "heads (Case 1) | models (Case 2) | lora (K adapters)"})
     num_experts: int = field(default=3, metadata={"help": "K, the number of experts"})
     init_noise: float | None = field(default=None, metadata={
-        "help": "None: 0.05 when num_experts > 1 (symmetry must be broken: SPEC §1), else 0. Otherwise the std of the Gaussian noise added to each expert copy, relative to the std of the weight it is added "
+        "help": "None: 0.05 when num_experts > 1 (symmetry must be broken: SPEC §1), else 0. Otherwise the std "
+                "of the Gaussian noise added to each expert copy, relative to the std of the weight it is added "
                 "to: heads: the base head; models: every weight matrix (ndim >= 2); lora: each lora_B gets noise "
                 "relative to its base layer's weight std. 0 keeps the copies identical (symmetry: SPEC §1)"})
     trunk: str = field(default="frozen", metadata={
@@ -115,6 +116,7 @@ class PolicyOutput(NamedTuple):
     logps: torch.Tensor                    # (2B, K) fp32 sums over response tokens
     prompt_features: torch.Tensor | None   # (2B, H) detached hidden state at the last prompt token
     token_count: int                       # N response tokens in the batch
+    ref_logps: torch.Tensor | None = None  # (2B,) π_ref log-probs from the same trunk pass (frozen-trunk heads)
 
 
 def sequence_logps(hidden: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, impl: str = "auto",
@@ -261,7 +263,12 @@ class MixturePolicy(nn.Module):
                 logps = ep_sequence_logps(self.ep_heads, hidden, labels)                 # (2B, K)
             else:
                 logps = self._logps(hidden, self.heads, labels)                          # (2B, K)
-            return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), token_count)
+            ref_logps = None
+            if self.cfg.trunk == "frozen" and self.ref_head is not None:
+                # the reference is the base head on the same frozen hidden states: no second trunk pass
+                with torch.no_grad():
+                    ref_logps = self._logps(hidden, self.ref_head.unsqueeze(0), labels)[:, 0]   # (2B,)
+            return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), token_count, ref_logps)
         per_expert, features = [], None
         for k in range(self.num_experts):
             model = self._select(k)

@@ -31,6 +31,7 @@ from mixdpo_ds.distributed import init_distributed, replicated_load
 from mixdpo_ds.em import random_responsibilities, tau_at
 from mixdpo_ds.losses import MixDPOOutput, mixdpo_loss
 from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
+from mixdpo_ds.reference import PolicyReference
 
 log = logging.getLogger("mixdpo_ds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -140,7 +141,6 @@ class MixDPOTrainer:
         """self.reference (an object with .logps(batch)) or the precomputed tables self.ref_tables[split]."""
         from mixdpo_ds.reference import (
             FrozenReference,
-            PolicyReference,
             precompute_reference_logps,
             reference_cache_key,
         )
@@ -215,11 +215,13 @@ class MixDPOTrainer:
         return collate(examples, self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------- one batch
-    def _ref_logps(self, batch: dict, split: str) -> torch.Tensor:
+    def _ref_logps(self, batch: dict, split: str, out=None) -> torch.Tensor:
         """(B, 2) shared or (B, 2, K) per-expert reference log-probs of the batch."""
         B = batch["index"].shape[0]
         if self.ref_tables is not None:
             return self.ref_tables[split][batch["index"]].to(self.device)
+        if out is not None and out.ref_logps is not None and isinstance(self.reference, PolicyReference):
+            return as_pairs(out.ref_logps, B)  # computed in the policy's own forward (frozen-trunk heads)
         return as_pairs(self.reference.logps(batch).to(self.device), B)
 
     def _gate_logw(self, out, batch: dict, grad: bool) -> torch.Tensor:
@@ -245,7 +247,7 @@ class MixDPOTrainer:
             from mixdpo_ds.gumbel import sample_gumbel
             noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
                                   device=self.device)[:, self.rank * B:(self.rank + 1) * B]
-        return mixdpo_loss(as_pairs(out.logps, B), self._ref_logps(batch, split), log_w, beta,
+        return mixdpo_loss(as_pairs(out.logps, B), self._ref_logps(batch, split, out), log_w, beta,
                            posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
                            estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
                            gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em))

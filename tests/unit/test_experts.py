@@ -192,6 +192,16 @@ def test_builtin_reference_is_the_base_model(tiny_gpt2_dir, kind):
     assert not _policy(tiny_gpt2_dir, trunk="trainable").has_builtin_reference
 
 
+def test_frozen_heads_forward_returns_the_reference_of_the_same_pass(tiny_gpt2_dir):
+    """Frozen-trunk heads: the forward's `ref_logps` is the base model's sequence log-prob (no second trunk pass);
+    a trainable trunk has no such shortcut (its hidden states are not the reference's)."""
+    batch = make_batch(3)
+    out = policy_logps(_policy(tiny_gpt2_dir, init_noise=0.2), batch)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    torch.testing.assert_close(out.ref_logps, hf_sequence_logps(base, batch), atol=1e-5, rtol=0)
+    assert policy_logps(_policy(tiny_gpt2_dir, trunk="trainable"), batch).ref_logps is None
+
+
 def test_default_init_noise_breaks_symmetry_only_when_k_above_one():
     """Default `init_noise=None` resolves to 0.05 for K > 1 (symmetry must be broken) and 0 for K = 1 (plain DPO)."""
     assert ExpertsConfig(num_experts=3).init_noise == 0.05

@@ -12,14 +12,6 @@ from mixdpo_ds.experts import ExpertsConfig, build_policy, sequence_logps
 KINDS = ["heads", "models", "lora"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _policy(path, kind="heads", k=3, **kw):
     kw.setdefault("init_noise", 0.0)  # tests state their noise; the library default is 0.05 for K > 1
     return build_policy(path, ExpertsConfig(kind=kind, num_experts=k, logprob_impl="naive", **kw))

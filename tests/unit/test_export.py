@@ -11,14 +11,6 @@ from mixdpo_ds.export import export_experts, load_compact, load_expert, load_exp
 from mixdpo_ds.gating import GateConfig, build_gate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _trained_like(policy):
     """Perturb the trainable weights as a few training steps would, so export cannot pass by reloading the base."""
     g = torch.Generator().manual_seed(7)

@@ -7,14 +7,6 @@ import torch
 from mixdpo_ds.gating import GateConfig, MixGate, MoEGate, build_gate, load_gate, pretrain_gate, save_gate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("bad, key", [
     (dict(kind="dense"), "gate.kind"), (dict(arch="cnn"), "gate.arch"), (dict(features="time"), "gate.features"),
     (dict(init="zeros"), "gate.init"), (dict(rho=0.0), "gate.rho"), (dict(rho=1.5), "gate.rho"),

@@ -17,14 +17,6 @@ from mixdpo_ds.reference import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def other_dir(tmp_path_factory, tiny_tokenizer):
     from mixdpo_ds.tiny import build_tiny_model

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mixdpo_ds.data import DataConfig
@@ -47,6 +48,7 @@ def yaml_load(text: str):
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REFERENCE_MODES = ("model", "precompute")
+LOSS_IMPLS = ("auto", "naive", "triton")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -77,10 +79,19 @@ class LossConfig:
 
     beta: float = field(default=0.1, metadata={"help": "β of the implicit reward h = β (log π − log π_ref); an E.1 "
                                                        "phase may override it."})
+    impl: str = field(default="auto", metadata={"help": f"MBT loss implementation, one of {list(LOSS_IMPLS)}: naive "
+                                                        "(PyTorch, mixdpo_ds.losses), triton (one fused kernel, "
+                                                        "kernels/mbt_loss.py), auto (triton on CUDA, else naive)."})
 
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"loss.beta must be > 0, got {self.beta!r}")
+        _check_choice("loss.impl", self.impl, LOSS_IMPLS)
+
+    def resolved_impl(self, device) -> str:
+        if self.impl != "auto":
+            return self.impl
+        return "triton" if torch.device(device).type == "cuda" else "naive"
 
 
 @dataclass

@@ -3,7 +3,7 @@
 One optimizer step is Algorithm 1 (SPEC §1) written out in `train()`, top to bottom:
 batch → policy forward (chosen + rejected rows in one batch) → reference log-probs (frozen model or
 precomputed cache) → gate forward (log w) → E-step (Dirichlet-random during the warm-up; Gumbel samples
-in `em.mode=gumbel`) → `mixdpo_loss` → backward / step through the DeepSpeed engine → optional refresh
+in `em.mode=gumbel`) → `mbt_loss` (`loss.impl`) → backward / step through the DeepSpeed engine → optional refresh
 → gate update by `em.gate_update`.
 
 Run it (CPU, one GPU, several GPUs):
@@ -29,7 +29,8 @@ from mixdpo_ds.data import batches, collate, load_preference_data, num_batches
 from mixdpo_ds.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
 from mixdpo_ds.distributed import init_distributed, replicated_load
 from mixdpo_ds.em import random_responsibilities, tau_at
-from mixdpo_ds.losses import MixDPOOutput, mixdpo_loss
+from mixdpo_ds.kernels import mbt_loss
+from mixdpo_ds.losses import MixDPOOutput
 from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
 from mixdpo_ds.reference import PolicyReference
 
@@ -233,7 +234,7 @@ class MixDPOTrainer:
 
     def loss_terms(self, batch: dict, step: int, out=None, log_w: torch.Tensor | None = None,
                    resp: torch.Tensor | None = None, split: str = "train", mode: str | None = None) -> MixDPOOutput:
-        """Policy forward (unless `out` is given) + reference + gate + `mixdpo_loss` for one batch at `step`."""
+        """Policy forward (unless `out` is given) + reference + gate + MBT loss (`loss.impl`) of one batch at `step`."""
         em = self.cfg.em
         B = batch["index"].shape[0]
         if out is None:
@@ -247,10 +248,11 @@ class MixDPOTrainer:
             from mixdpo_ds.gumbel import sample_gumbel
             noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
                                   device=self.device)[:, self.rank * B:(self.rank + 1) * B]
-        return mixdpo_loss(as_pairs(out.logps, B), self._ref_logps(batch, split, out), log_w, beta,
-                           posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
-                           estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
-                           gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em))
+        return mbt_loss(as_pairs(out.logps, B), self._ref_logps(batch, split, out), log_w, beta,
+                        posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
+                        estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
+                        gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em),
+                        impl=self.cfg.loss.resolved_impl(self.device))
 
     def _next_batch(self) -> dict:
         t = self.cfg.train

@@ -138,16 +138,6 @@ def differentiable_global_mean_rows(x: torch.Tensor, group=None) -> torch.Tensor
     return _AllReduceSum.apply(x.sum(0), group) / count
 
 
-def reduce_metrics(metrics: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
-    """Average scalar metric tensors over ranks in one all-reduce (stack, reduce, unstack)."""
-    if not metrics or not is_initialized() or torch_dist.get_world_size(group) == 1:
-        return metrics
-    keys = list(metrics)
-    stacked = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
-    stacked = all_reduce_mean(stacked, group)
-    return dict(zip(keys, stacked.unbind(0), strict=False))
-
-
 def shard(global_batch_examples: list[Any], rank: int, world: int) -> list[Any]:
     """Contiguous slice `rank` of `world` equal slices of one global batch.
 

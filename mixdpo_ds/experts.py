@@ -115,7 +115,7 @@ class PolicyOutput(NamedTuple):
     backward hook the heads are not re-gathered for the backward (empty saved tensors)."""
     logps: torch.Tensor                    # (2B, K) fp32 sums over response tokens
     prompt_features: torch.Tensor | None   # (2B, H) detached hidden state at the last prompt token
-    token_count: int                       # N response tokens in the batch
+    token_count: torch.Tensor              # () N response tokens in the batch (a tensor: no device sync)
     ref_logps: torch.Tensor | None = None  # (2B,) π_ref log-probs from the same trunk pass (frozen-trunk heads)
 
 
@@ -251,7 +251,7 @@ class MixturePolicy(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 prompt_last_index: torch.Tensor | None = None) -> PolicyOutput:
         """(2B, T) ids, mask, labels (-100 off the response) -> PolicyOutput(logps (2B, K) fp32, ...)."""
-        token_count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        token_count = (labels[:, 1:] != IGNORE_INDEX).sum()
         if self.kind == "heads":
             if self.cfg.trunk == "frozen":
                 with torch.no_grad():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mixdpo_ds.distributed import all_reduce_mean
+
 
 class MetricAccumulator:
     """Running means of named scalar tensors over a logging interval."""
@@ -39,9 +41,8 @@ class MetricAccumulator:
         if self.total is None:
             return {}
         mean = self.total / self.count
-        if all_ranks and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(mean)
-            mean = mean / torch.distributed.get_world_size()
+        if all_ranks:
+            mean = all_reduce_mean(mean)  # identity on one rank
         out = dict(zip(self.names, mean.tolist(), strict=True))
         self.names, self.total, self.count = None, None, 0
         return out

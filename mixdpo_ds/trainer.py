@@ -27,7 +27,7 @@ from mixdpo_ds import checkpoint as ckpt
 from mixdpo_ds.config import RunConfig
 from mixdpo_ds.data import batches, collate, load_preference_data, num_batches
 from mixdpo_ds.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
-from mixdpo_ds.distributed import init_distributed, replicated_load
+from mixdpo_ds.distributed import all_reduce_mean, global_mean_rows, init_distributed, replicated_load
 from mixdpo_ds.em import random_responsibilities, tau_at
 from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.losses import MixDPOOutput
@@ -264,21 +264,16 @@ class MixDPOTrainer:
         return self._collate(examples)
 
     def _gate_step(self) -> None:
-        if self.world > 1:
+        if self.world > 1:  # the gate lives outside the engine: average its gradients by hand
             for p in self.gate.parameters():
                 if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= self.world
+                    p.grad.copy_(all_reduce_mean(p.grad))
         self.gate_optimizer.step()
         self.gate_optimizer.zero_grad(set_to_none=True)
 
     def _mix_update(self, resp: torch.Tensor) -> None:
-        """Closed-form Mix-DPO weights (D.4) from the batch-mean responsibilities, averaged over ranks."""
-        mean = resp.mean(0, keepdim=True)  # (1, K): the update only uses mean_i q_i
-        if self.world > 1:
-            torch.distributed.all_reduce(mean)
-            mean /= self.world
-        self.gate.update(mean)
+        """Closed-form Mix-DPO weights (D.4) from the mean responsibilities of the global batch."""
+        self.gate.update(global_mean_rows(resp)[None])  # (1, K): the update only uses mean_i q_i
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> None:

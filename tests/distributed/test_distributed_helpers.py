@@ -4,6 +4,7 @@ import torch
 from ep_worker import spawn_workers
 
 from mixdpo_ds import distributed as mdist
+from mixdpo_ds.metrics import MetricAccumulator
 
 pytestmark = pytest.mark.distributed
 
@@ -29,8 +30,9 @@ def _check_reductions(rank: int, world: int) -> None:
     resp = torch.tensor([[1.0, 0.0], [0.0, 1.0]]) if rank == 0 else torch.tensor([[1.0, 0.0]])
     torch.testing.assert_close(mdist.global_mean_rows(resp), torch.tensor([2 / 3, 1 / 3]))
     assert mdist.all_reduce_mean(torch.tensor(float(rank + 1))).item() == 1.5
-    metrics = mdist.reduce_metrics({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank)})
-    assert metrics["a"].item() == 0.5 and metrics["b"].item() == 1.0
+    acc = MetricAccumulator()  # the logged metrics: interval mean, then the mean over ranks
+    acc.add({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank)})
+    assert acc.reduce() == {"a": 0.5, "b": 1.0}
     assert mdist.broadcast_object({"r": rank}) == {"r": 0}
 
     # differentiable global mean: loss_r = Σ_k c_k · w̄_k with w̄ the global row mean of x (3 rows over 2 ranks).

@@ -37,6 +37,10 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     torch.set_num_threads(1)
     mdist.init_distributed()
     fn(rank, world, *args)
+    # Tear the process group down before the interpreter exits: a rank that exits with gloo's (or DeepSpeed's
+    # shm comm) threads still running aborts with "terminate called without an active exception" (seen here).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def clean_env() -> dict:

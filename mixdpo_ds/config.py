@@ -79,6 +79,9 @@ class LossConfig:
 
     beta: float = field(default=0.1, metadata={"help": "β of the implicit reward h = β (log π − log π_ref); an E.1 "
                                                        "phase may override it."})
+    rpo_alpha: float = field(default=0.0, metadata={
+        "help": "weight α of RPO's NLL term (TRL's rpo_alpha): + α·mean_i Σ_k q_ik·NLL_k(chosen_i) per token "
+                "(mixdpo_ds.losses.chosen_nll); keeps samples near the data. 0 = plain (Mix-)DPO."})
     impl: str = field(default="auto", metadata={"help": f"MBT loss implementation, one of {list(LOSS_IMPLS)}: naive "
                                                         "(PyTorch, mixdpo_ds.losses), triton (one fused kernel, "
                                                         "kernels/mbt_loss.py), auto (triton on CUDA, else naive)."})
@@ -86,6 +89,8 @@ class LossConfig:
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"loss.beta must be > 0, got {self.beta!r}")
+        if not self.rpo_alpha >= 0:
+            raise ValueError(f"loss.rpo_alpha must be >= 0, got {self.rpo_alpha!r}")
         _check_choice("loss.impl", self.impl, LOSS_IMPLS)
 
     def resolved_impl(self, device) -> str:

@@ -4,9 +4,9 @@
     mixdpo demo --out /tmp/r --seeds 1 --fast
 
 Per seed: synthetic review data with known annotator groups (`mixdpo_ds.datasets`) → SFT warm-up of a tiny GPT-2
-(`mixdpo_ds.sft`) → through the real trainer (`MixDPOTrainer`, DeepSpeed engine, one process reused for all runs):
-DPO (K=1) and Mix-DPO (K=3 heads) on the multi-reward task, DPO and MoE-DPO (K=2 heads, gate on the prompt) on
-the contextual task, with the same steps, batch and lr → `mixdpo_ds.evaluate.evaluate_run` on held-out pairs →
+(`mixdpo_ds.sft`) → through the real trainer (`MixDPOTrainer`, DeepSpeed engine; the runs of all seeds are spread
+over `--workers` processes): DPO (K=1) and Mix-DPO (K=3 heads) on the multi-reward task, DPO and MoE-DPO (K=2 heads,
+gate on the prompt) on the contextual task, each pair of runs with the same steps, batch and lr → `mixdpo_ds.evaluate.evaluate_run` on held-out pairs →
 samples from every expert scored by the annotators' reward functions → `report.md` + PNG figures
 (`mixdpo_ds.report`), with the Bayes ceilings of the data next to what the runs achieved.
 """
@@ -36,14 +36,27 @@ class DemoConfig:
     out: str = field(default="mixdpo_report", metadata={"help": "report folder"})
     seeds: int = field(default=3, metadata={"help": "seeds (data, model, training); results are mean ± sd"})
     fast: bool = field(default=False, metadata={"help": "fewer steps and pairs (the integration test)"})
-    num_train: int = field(default=2000, metadata={"help": "training pairs per task"})
+    num_train: int = field(default=20000, metadata={
+        "help": "multi-reward training pairs: EM needs many distinct pairs (with 2000 pairs seen 4 times the experts "
+                "memorised and stayed near the pooled solution; measured, see the README)"})
+    num_train_contextual: int = field(default=2000, metadata={"help": "contextual-task training pairs"})
     num_test: int = field(default=400, metadata={"help": "held-out pairs per task"})
     num_sft: int = field(default=2000, metadata={"help": "SFT rows per task"})
+    ceiling_rows: int = field(default=5000, metadata={"help": "training pairs the Bayes ceilings are fitted on"})
     sft_steps: int = field(default=150, metadata={"help": "SFT warm-up steps"})
-    steps: int = field(default=250, metadata={"help": "DPO / Mix-DPO / MoE-DPO steps (the same for all)"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    steps: int = field(default=450, metadata={"help": "multi-reward task: DPO and Mix-DPO steps (the same for both)"})
+    batch_size: int = field(default=128, metadata={"help": "multi-reward task: pairs per step"})
+    ctx_steps: int = field(default=250, metadata={
+        "help": "contextual task (DPO and MoE-DPO) and the annotator-id MoE-DPO: steps"})
+    ctx_batch_size: int = field(default=32, metadata={"help": "pairs per step of the ctx_steps runs"})
+    workers: int = field(default=2, metadata={
+        "help": "processes that run the demo's jobs (data + SFT per seed, one job per training run, sampling per "
+                "seed) in parallel, one torch thread each; 1 = all in this process"})
     lr: float = field(default=1e-2, metadata={"help": "lr of the expert heads (frozen trunk)"})
     beta: float = field(default=0.1, metadata={"help": "DPO β"})
+    rpo_alpha: float = field(default=0.0, metadata={
+        "help": "loss.rpo_alpha of every run: the chosen-NLL term that keeps samples near the data (without it the "
+                "heads learn to never emit end-of-sequence; Tables 1/2 score samples)"})
     init_noise: float = field(default=0.1, metadata={"help": "relative std of the noise on each head copy (the "
                                                                 "symmetry breaking of Mix-DPO)"})
     warmup_random_steps: int = field(default=0, metadata={"help": "Dirichlet-random E-step warm-up steps"})
@@ -57,14 +70,28 @@ class DemoConfig:
     n_embd: int = field(default=64, metadata={"help": "tiny GPT-2 width"})
     n_layer: int = field(default=2, metadata={"help": "tiny GPT-2 depth"})
     num_samples: int = field(default=200, metadata={"help": "held-out prompts sampled per model (Tables 1, 2)"})
+    stop_at_period: bool = field(default=True, metadata={
+        "help": "samples end at the first '.' (a stop string; a review is one sentence): DPO-trained heads drive "
+                "P(end-of-sequence) to about 0 on this data, so without it every sample runs to the token limit; "
+                "the report prints each model's P(end | complete review)"})
+    num_end_probe: int = field(default=100, metadata={"help": "held-out reviews for the P(end | review) column"})
     progress_bar: bool = field(default=True, metadata={"help": "the trainer's tqdm bar"})
 
     def __post_init__(self):
-        if self.seeds < 1:
-            raise ValueError(f"demo.seeds must be >= 1, got {self.seeds}")
+        for key in ("seeds", "workers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"demo.{key} must be >= 1, got {getattr(self, key)}")
         if self.fast:
-            self.num_train, self.num_test, self.num_sft = 800, 200, 800
-            self.sft_steps, self.steps, self.num_samples, self.user_gate = 60, 80, 80, False
+            self.num_train = self.num_train_contextual = self.num_sft = 800
+            self.num_test, self.sft_steps, self.num_samples, self.user_gate = 200, 60, 80, False
+            self.steps = self.ctx_steps = 80
+            self.batch_size = self.ctx_batch_size = 32
+
+    def budget(self, task: str, gate: str) -> tuple[int, int]:
+        """(steps, pairs per step) of a run: Mix-DPO and its DPO baseline get `steps` × `batch_size`; the
+        contextual runs and the annotator-id MoE-DPO `ctx_steps` × `ctx_batch_size`."""
+        return (self.steps, self.batch_size) if task == "multi" and gate == "mix" else \
+            (self.ctx_steps, self.ctx_batch_size)
 
 
 def _say(msg: str, t0: float) -> None:
@@ -72,11 +99,12 @@ def _say(msg: str, t0: float) -> None:
 
 
 def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K: int, gate: str, seed: int,
-               overrides: dict | None = None):
+               overrides: dict | None = None, task: str = "multi"):
     """The RunConfig of one demo run: K heads on the frozen SFT trunk, everything else shared by all runs.
     `overrides` (nested dict, e.g. {"em": {"mode": "gumbel"}}) is merged last (the ablation benchmark uses it)."""
     from mixdpo_ds.config import RunConfig, merge
 
+    steps, batch_size = cfg.budget(task, gate)
     return RunConfig.from_dict(merge({
         "model": {"name_or_path": base_dir},
         "data": {"path": train_path, "max_length": 32, "max_prompt_length": 8},
@@ -85,10 +113,10 @@ def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K:
         "gate": {"kind": gate, "features": "prompt", "arch": "linear", "lr": cfg.gate_lr, "rho": cfg.gate_rho},
         "em": {"mode": "exact", "posterior_correction": 1, "gate_update": "joint",
                "warmup_random_steps": cfg.warmup_random_steps if K > 1 else 0},
-        "loss": {"beta": cfg.beta},
-        "train": {"output_dir": run_dir, "max_steps": cfg.steps, "micro_batch_size": cfg.batch_size,
+        "loss": {"beta": cfg.beta, "rpo_alpha": cfg.rpo_alpha},
+        "train": {"output_dir": run_dir, "max_steps": steps, "micro_batch_size": batch_size,
                   "lr": cfg.lr, "log_every": 10, "keep_last": 1, "progress_bar": cfg.progress_bar,
-                  "export": True, "plots": False, "seed": seed, "reference": "precompute"},
+                  "export": True, "plots": False, "seed": seed, "reference": "model"},
         "deepspeed": {"config": "zero0"},
     }, overrides or {}))
 
@@ -116,12 +144,12 @@ def _record_responsibilities(trainer, trace: dict) -> None:
 
 
 def train_and_evaluate(cfg: DemoConfig, base_dir: str, paths: dict, run_dir: str, K: int, gate: str, seed: int,
-                       groups: list[str], overrides: dict | None = None) -> dict:
+                       groups: list[str], overrides: dict | None = None, task: str = "multi") -> dict:
     """One run through the real trainer + `evaluate_run` on the held-out pairs; returns per-pair rows + trace."""
     from mixdpo_ds.evaluate import evaluate_run
     from mixdpo_ds.trainer import MixDPOTrainer
 
-    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed, overrides))
+    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed, overrides, task))
     trainer.setup()
     trace = {"G": len(groups), "steps": [], "sums": [], "counts": [], "names": sorted(groups)}
     _record_responsibilities(trainer, trace)
@@ -174,10 +202,22 @@ def _score(prompts: list[str], responses: list[str]) -> dict[str, float]:
             for name, f in ANNOTATORS.items()}
 
 
-def _sample_experts(export_dir: str, K: int, tokenizer, prompts: list[str], seed: int) -> list[list[str]]:
-    from mixdpo_ds.export import load_expert
+@torch.no_grad()
+def end_probability(model, tokenizer, rows: list[dict]) -> float:
+    """Mean P(end-of-sequence | prompt + a complete review) over held-out chosen responses that end in '.': how
+    willing a model is to stop where the data stops (the SFT reference: about 0.98)."""
+    texts = [f"{r['prompt']} {r['chosen']}" for r in rows if r["chosen"].endswith(".")]
+    probs = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        probs.append(float(model(input_ids=ids).logits[0, -1].float().softmax(-1)[tokenizer.eos_token_id]))
+    return float(np.mean(probs)) if probs else float("nan")
 
-    return [sample_responses(load_expert(export_dir, k), tokenizer, prompts, seed=seed + 17 * k) for k in range(K)]
+
+def _sample(model, tokenizer, prompts: list[str], seed: int, cfg: DemoConfig, rows: list[dict], ends: dict,
+            name: str) -> list[str]:
+    ends[name] = end_probability(model, tokenizer, rows[:cfg.num_end_probe])
+    return sample_responses(model, tokenizer, prompts, seed=seed, stop_tokens=(".",) if cfg.stop_at_period else ())
 
 
 def _route(samples: list[list[str]], w: np.ndarray, rng: np.random.Generator, top1: bool = False) -> list[str]:
@@ -190,6 +230,8 @@ def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: di
     """Table 1 (multi: mean annotator rewards of samples) and Table 2 (contextual: each domain's own reward)."""
     from transformers import AutoModelForCausalLM
 
+    from mixdpo_ds.export import load_expert
+
     rng = np.random.default_rng(seed)
     n = cfg.num_samples
     ref = AutoModelForCausalLM.from_pretrained(base_dir).eval()
@@ -198,9 +240,12 @@ def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: di
         rows = test[task][:n]
         prompts = [r["prompt"] for r in rows]
         w = np.array([r["w"] for r in sorted(runs[mix]["rows"], key=lambda r: r["index"])[:n]])
-        samples = {"reference (SFT)": sample_responses(ref, tokenizer, prompts, seed=seed),
-                   "DPO": _sample_experts(runs[dpo]["export"], 1, tokenizer, prompts, seed)[0]}
-        experts = _sample_experts(runs[mix]["export"], K, tokenizer, prompts, seed)
+        ends = {}
+        samples = {"reference (SFT)": _sample(ref, tokenizer, prompts, seed, cfg, rows, ends, "reference (SFT)"),
+                   "DPO": _sample(load_expert(runs[dpo]["export"], 0), tokenizer, prompts, seed, cfg, rows, ends,
+                                  "DPO")}
+        experts = [_sample(load_expert(runs[mix]["export"], k), tokenizer, prompts, seed + 17 * k, cfg, rows, ends,
+                           f"expert {k}") for k in range(K)]
         for k in range(K):
             samples[f"expert {k}"] = experts[k]
         samples["mixture (z ~ w)"] = _route(experts, w, rng)
@@ -211,6 +256,7 @@ def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: di
         else:
             out[task] = {name: _domain_scores(rows, resp, test["contextual_rewards"]) for name, resp in samples.items()}
         out[task + "_examples"] = {name: resp[:3] for name, resp in samples.items()}
+        out[task + "_end_probability"] = ends
         out[task + "_prompts"] = prompts[:3]
     return out
 
@@ -226,7 +272,7 @@ def _domain_scores(rows: list[dict], responses: list[str], rewards: dict) -> dic
 
 def run_plan(cfg: DemoConfig) -> list[tuple[str, str, int, str, dict]]:
     """(name, task, K, gate kind, run-config overrides) of the demo's runs; same steps, batch and lr for all."""
-    plan = [("dpo_multi", "multi", 1, "mix", {}), ("mixdpo", "multi", 3, "mix", {}),
+    plan = [("mixdpo", "multi", 3, "mix", {}), ("dpo_multi", "multi", 1, "mix", {}),
             ("dpo_ctx", "contextual", 1, "mix", {}),
             ("moedpo", "contextual", 2, "moe", {"em": {"gate_update": "frozen"}, "gate": {
                 "pretrain_steps": cfg.gate_pretrain_steps, "pretrain_label_column": "group"}})]
@@ -235,43 +281,124 @@ def run_plan(cfg: DemoConfig) -> list[tuple[str, str, int, str, dict]]:
     return plan
 
 
-def run_seed(cfg: DemoConfig, seed: int, tokenizer, t0: float) -> dict:
-    """Data → SFT → four runs → held-out metrics → samples, for one seed."""
+# ------------------------------------------------------------------------------------------------ jobs
+# The demo is a small DAG per seed: prepare (data + SFT) → one job per training run → sample (Tables 1/2). Jobs run
+# in `cfg.workers` processes (spawned, one torch thread each) or, with workers=1, in this process; each job takes and
+# returns plain picklable values, so both paths run the same code.
+
+def prepare_seed(cfg: DemoConfig, seed: int, tokenizer_dir: str) -> dict:
+    """Data of both tasks (+ Bayes ceilings) and the SFT warm-up of the tiny base model, for one seed."""
+    from transformers import AutoTokenizer
+
     root = os.path.join(cfg.out, "runs", f"seed_{seed}")
-    tasks, result = {}, {"seed": seed}
+    prep = {"seed": seed, "root": root, "tasks": {}}
+    sft_rows = []
     for task in ("multi", "contextual"):
-        rcfg = ReviewsConfig(task=task, num_train=cfg.num_train, num_test=cfg.num_test, num_sft=cfg.num_sft, seed=seed)
+        n_train = cfg.num_train if task == "multi" else cfg.num_train_contextual
+        rcfg = ReviewsConfig(task=task, num_train=n_train, num_test=cfg.num_test, num_sft=cfg.num_sft, seed=seed)
         paths = write_task(rcfg, os.path.join(root, "data", task))
         train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
-        tasks[task] = (rcfg, paths, test)
-        result[task] = {"groups": rcfg.groups(), "ceilings": bayes_ceilings(train, test, rcfg)}
-    _say(f"seed {seed}: data written; SFT warm-up ({cfg.sft_steps} steps)", t0)
-    sft_rows = read_jsonl(tasks["multi"][1]["sft"]) + read_jsonl(tasks["contextual"][1]["sft"])
-    base_dir, losses = build_tiny_base(os.path.join(root, "sft"), tokenizer, sft_rows,
-                                       SFTConfig(steps=cfg.sft_steps, seed=seed), n_layer=cfg.n_layer,
-                                       n_embd=cfg.n_embd, seed=seed)
-    result["sft_loss"] = [losses[0], losses[-1]]
-    runs = {}
-    for name, task, K, gate, overrides in run_plan(cfg):
-        rcfg, paths, _ = tasks[task]
-        t1 = time.perf_counter()
-        _say(f"seed {seed}: {name} (K={K}, gate={gate}) {cfg.steps} steps", t0)
-        run_dir = os.path.join(root, name)
-        res = train_and_evaluate(cfg, base_dir, paths, run_dir, K, gate, seed, rcfg.groups(), overrides)
-        res["export"] = os.path.join(run_dir, "export")
-        res["metrics"] = held_out_metrics(res["rows"], rcfg.groups(), K)
-        res["seconds"] = time.perf_counter() - t1
-        runs[name] = res
-        m = res["metrics"]
-        _say(f"seed {seed}: {name} held-out accuracy {m['mixture']['all']:.3f}, recovery {m['recovery']:.3f} "
-             f"({res['seconds']:.1f}s)", t0)
-    test = {"multi": tasks["multi"][2], "contextual": tasks["contextual"][2],
-            "contextual_rewards": tasks["contextual"][0].contextual_rewards}
-    result["samples"] = sample_tables(cfg, seed, tokenizer, base_dir, runs, test)
+        prep["tasks"][task] = {"paths": paths, "groups": rcfg.groups(), "test": test,
+                               "contextual_rewards": rcfg.contextual_rewards,
+                               "ceilings": bayes_ceilings(train[:cfg.ceiling_rows], test, rcfg)}
+        sft_rows += read_jsonl(paths["sft"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prep["base_dir"], losses = build_tiny_base(os.path.join(root, "sft"), tokenizer, sft_rows,
+                                               SFTConfig(steps=cfg.sft_steps, seed=seed), n_layer=cfg.n_layer,
+                                               n_embd=cfg.n_embd, seed=seed)
+    prep["sft_loss"] = [losses[0], losses[-1]]
+    return prep
+
+
+def run_job(cfg: DemoConfig, prep: dict, name: str, task: str, K: int, gate: str, overrides: dict) -> dict:
+    """One training run of one seed through the real trainer, evaluated on the task's held-out pairs."""
+    t1 = time.perf_counter()
+    info = prep["tasks"][task]
+    run_dir = os.path.join(prep["root"], name)
+    res = train_and_evaluate(cfg, prep["base_dir"], info["paths"], run_dir, K, gate, prep["seed"], info["groups"],
+                             overrides, task)
+    return {"metrics": held_out_metrics(res["rows"], info["groups"], K), "trace": res["trace"],
+            "export": os.path.join(run_dir, "export"), "eval": os.path.join(run_dir, "eval.jsonl"),
+            "seconds": time.perf_counter() - t1}
+
+
+def finish_seed(cfg: DemoConfig, prep: dict, runs: dict, tokenizer_dir: str) -> dict:
+    """Samples from every expert scored by the annotators (Tables 1/2) and the seed's result record."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for res in runs.values():
+        res["rows"] = read_jsonl(res["eval"])
+    tasks = prep["tasks"]
+    test = {"multi": tasks["multi"]["test"], "contextual": tasks["contextual"]["test"],
+            "contextual_rewards": tasks["contextual"]["contextual_rewards"]}
+    result = {"seed": prep["seed"], "sft_loss": prep["sft_loss"],
+              **{task: {"groups": t["groups"], "ceilings": t["ceilings"]} for task, t in tasks.items()}}
+    result["samples"] = sample_tables(cfg, prep["seed"], tokenizer, prep["base_dir"], runs, test)
     for name, res in runs.items():
         result[name] = {"metrics": res["metrics"], "trace": res["trace"], "seconds": res["seconds"]}
-    _say(f"seed {seed}: samples scored", t0)
     return result
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    _quiet()
+
+
+class _Inline:
+    """The executor interface on this process (workers=1): submit runs the job at once."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def shutdown(self, **kwargs):
+        pass
+
+
+def run_all(cfg: DemoConfig, tokenizer_dir: str, t0: float) -> list[dict]:
+    """Every seed's DAG on `cfg.workers` processes; longest runs are queued first. Returns results by seed."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    plan = run_plan(cfg)
+    n_jobs = cfg.seeds * (len(plan) + 2)
+    pool = _Inline() if cfg.workers == 1 else ProcessPoolExecutor(
+        max_workers=cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker)
+    pending, preps, runs, results, done = {}, {}, {}, {}, 0
+    try:
+        for seed in range(cfg.seeds):
+            pending[pool.submit(prepare_seed, cfg, seed, tokenizer_dir)] = ("prepare", seed, None)
+        while pending:
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                kind, seed, name = pending.pop(fut)
+                value = fut.result()  # a failed job raises here, with its worker's traceback
+                done += 1
+                if kind == "prepare":
+                    preps[seed], runs[seed] = value, {}
+                    _say(f"[{done}/{n_jobs}] seed {seed}: data + SFT ready (SFT loss {value['sft_loss'][0]:.2f} → "
+                         f"{value['sft_loss'][1]:.2f})", t0)
+                    for run_name, task, K, gate, overrides in plan:
+                        pending[pool.submit(run_job, cfg, value, run_name, task, K, gate, overrides)] = \
+                            ("run", seed, run_name)
+                elif kind == "run":
+                    runs[seed][name] = value
+                    m = value["metrics"]
+                    _say(f"[{done}/{n_jobs}] seed {seed}: {name} held-out accuracy {m['mixture']['all']:.3f}, "
+                         f"recovery {m['recovery']:.3f} ({value['seconds']:.1f}s)", t0)
+                    if len(runs[seed]) == len(plan):
+                        pending[pool.submit(finish_seed, cfg, preps[seed], runs[seed], tokenizer_dir)] = \
+                            ("finish", seed, None)
+                else:
+                    results[seed] = value
+                    _say(f"[{done}/{n_jobs}] seed {seed}: samples scored", t0)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return [results[seed] for seed in range(cfg.seeds)]
 
 
 def parse_args(argv: list[str] | None) -> DemoConfig:
@@ -280,11 +407,14 @@ def parse_args(argv: list[str] | None) -> DemoConfig:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (mean ± sd over them)")
     p.add_argument("--fast", action="store_true", help="fewer steps and pairs (1 seed: ~1 minute)")
     p.add_argument("--steps", type=int, default=None, help="override the training steps of every run")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="parallel processes, one torch thread each (default: 2, or 1 on a 1-core machine)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (with --workers 1)")
     a = p.parse_args(argv)
-    cfg = DemoConfig(out=a.out, seeds=a.seeds, fast=a.fast, progress_bar=not a.no_progress)
+    cfg = DemoConfig(out=a.out, seeds=a.seeds, fast=a.fast, workers=a.workers,
+                     progress_bar=not a.no_progress and a.workers == 1)
     if a.steps is not None:
-        cfg.steps = a.steps
+        cfg.steps = cfg.ctx_steps = a.steps
     return cfg
 
 
@@ -311,11 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     # made an SFT step 10-15x slower (0.05 s → 0.5-0.9 s, measured) through thread contention.
     torch.set_num_threads(1)
     os.makedirs(cfg.out, exist_ok=True)
-    tokenizer = build_review_tokenizer(os.path.join(cfg.out, "runs", "tokenizer"))
-    _say(f"{cfg.seeds} seed(s), {cfg.steps} steps per run, report in {cfg.out}", t0)
-    results = []
-    for seed in range(cfg.seeds):
-        results.append(run_seed(cfg, seed, tokenizer, t0))
+    tokenizer_dir = os.path.join(cfg.out, "runs", "tokenizer")
+    build_review_tokenizer(tokenizer_dir)
+    _say(f"{cfg.seeds} seed(s) × {len(run_plan(cfg))} runs on {cfg.workers} process(es); report in {cfg.out}", t0)
+    results = run_all(cfg, tokenizer_dir, t0)
     elapsed = time.perf_counter() - t0
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump({"config": asdict(cfg), "seconds": elapsed, "results": results}, f)

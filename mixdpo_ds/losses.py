@@ -191,6 +191,21 @@ def gate_loss(log_w: Tensor, resp: Tensor, lambda_global: float = 0.0) -> Tensor
     return loss
 
 
+def chosen_nll(policy_logps: Tensor, chosen_tokens: Tensor, resp: Tensor) -> Tensor:
+    """RPO's NLL term for K experts: mean_i Σ_k q_ik · (−log π_k(y+_i | x_i) / |y+_i|).
+
+    policy_logps (B, 2, K) summed response log-probs (index 0 = chosen); chosen_tokens (B,) response tokens of each
+    chosen row; resp (B, K) responsibilities (held fixed, as in the policy loss). K = 1, q = 1 is TRL's
+    `rpo_alpha` term (Pang et al. 2024): the chosen response's mean per-token NLL. Each expert is pulled towards the
+    chosen responses of the pairs it is responsible for, which keeps its samples near the data (DPO alone may move
+    probability to sequences that appear in neither side, e.g. never emitting end-of-sequence).
+
+    Example: logps chosen = [[−4, −8]], 2 tokens, q = [[0.25, 0.75]] → 0.25·2 + 0.75·4 = 3.5.
+    """
+    nll = -_fp(policy_logps[:, 0, :]) / chosen_tokens.clamp(min=1).to(torch.float32)[:, None]
+    return (resp.detach().to(nll.dtype) * nll).sum(1).mean()
+
+
 @torch.no_grad()
 def mix_weight_update(w: Tensor, resp: Tensor, rho: float = 1.0, w_min: float = 1e-3) -> Tensor:
     """Mix-DPO closed-form prior update (D.4): w ← normalise((1 − ρ) w + ρ mean_i q_i), floored at w_min.

@@ -94,23 +94,30 @@ def accuracy_table_contextual(results: list[dict]) -> list[str]:
 
 
 def sample_table(results: list[dict], task: str, run: str) -> list[str]:
-    """Paper Table 1 (multi) / Table 2 (contextual): mean reward of samples per model, experts aligned by group."""
+    """Paper Table 1 (multi) / Table 2 (contextual): mean reward of samples per model, experts aligned by group,
+    and each model's P(end-of-sequence | a complete held-out review) where the run measured it."""
     groups = results[0][task]["groups"]
     first = results[0]["samples"][task]
     cols = list(next(iter(first.values())).keys())
     names = [n for n in first if not n.startswith("expert ")]
-    rows = []
-    for name in names[:2]:
-        rows.append([name] + [fmt([r["samples"][task][name][c] for r in results]) for c in cols])
+    has_end = task + "_end_probability" in results[0]["samples"]
+
+    def end(r, name):
+        return r["samples"].get(task + "_end_probability", {}).get(name)
+
+    def row(label, name_of):
+        vals = [fmt([r["samples"][task][name_of(r)][c] for r in results if name_of(r)]) for c in cols]
+        if has_end:
+            ends = [end(r, name_of(r)) for r in results if name_of(r)]
+            vals.append(fmt(ends) if ends and all(e is not None for e in ends) else "n/a")
+        return [label, *vals]
+
+    rows = [row(name, lambda r, n=name: n) for name in names[:2]]
     for g in groups:
-        vals = []
-        for c in cols:
-            vals.append(fmt([r["samples"][task][f"expert {_expert_for(r, run, g)}"][c]
-                             for r in results if _expert_for(r, run, g) is not None]))
-        rows.append([f"expert→{g}", *vals])
-    for name in names[2:]:
-        rows.append([name] + [fmt([r["samples"][task][name][c] for r in results]) for c in cols])
-    return _table(["samples scored by →", *cols], rows)
+        rows.append(row(f"expert→{g}", lambda r, g=g: None if _expert_for(r, run, g) is None
+                        else f"expert {_expert_for(r, run, g)}"))
+    rows += [row(name, lambda r, n=name: n) for name in names[2:]]
+    return _table(["samples scored by →", *cols, *(["P(end | review)"] if has_end else [])], rows)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -279,9 +286,13 @@ def write_report(out_dir: str, results: list[dict], config: dict, seconds: float
          f"Command: `mixdpo demo --out {out_dir} --seeds {n}{' --fast' if config.get('fast') else ''}`; "
          f"wall time {seconds:.1f} s ({seconds / 60:.2f} min).",
          f"Model: GPT-2 n_layer={config['n_layer']}, n_embd={config['n_embd']}, word-level vocabulary of the review "
-         f"generator; SFT {config['sft_steps']} steps; every DPO / Mix-DPO / MoE-DPO run: {config['steps']} steps × "
-         f"{config['batch_size']} pairs, heads on the frozen SFT trunk, lr {config['lr']}, β {config['beta']}; "
-         f"{config['num_train']} training / {config['num_test']} held-out pairs per task.", "",
+         f"generator; SFT {config['sft_steps']} steps; heads on the frozen SFT trunk, lr {config['lr']}, "
+         f"β {config['beta']}. Multi-reward task: DPO and Mix-DPO {config['steps']} steps × {config['batch_size']} "
+         f"pairs, {config['num_train']} training pairs; contextual task (DPO, MoE-DPO) and the annotator-id "
+         f"MoE-DPO: {config.get('ctx_steps', config['steps'])} steps × "
+         f"{config.get('ctx_batch_size', config['batch_size'])} pairs, "
+         f"{config.get('num_train_contextual', config['num_train'])} contextual training pairs; "
+         f"{config['num_test']} held-out pairs per task.", "",
          "## Acceptance checks (issue 6)", ""]
     L += _table(["criterion", "holds", "measured (mean over seeds)"],
                 [[c, "yes" if ok else "**no**", v] for c, ok, v in checks])

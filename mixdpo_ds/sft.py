@@ -131,13 +131,20 @@ def build_tiny_base(out_dir: str, tokenizer, rows: list[dict], cfg: SFTConfig, n
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, seed: int = 0,
-                     batch_size: int = 128, greedy: bool = False) -> list[str]:
+                     batch_size: int = 128, greedy: bool = False, stop_tokens: tuple[str, ...] = ()) -> list[str]:
     """Sample one response per prompt (temperature 1, no top-k/top-p) and decode it without special tokens.
 
-    Prompts are grouped by token length so no batch needs padding (GPT-2 has no left-padding positions)."""
+    A sample ends at end-of-sequence (dropped), at the first of `stop_tokens` (kept, like a stop string of
+    `generate`) or after max_new_tokens. Prompts are grouped by token length so no batch needs padding (GPT-2 has
+    no left-padding positions)."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
+    unknown = [t for t, i in zip(stop_tokens, stop_ids, strict=True) if i is None or i == tokenizer.unk_token_id]
+    if unknown:
+        raise ValueError(f"sample_responses: stop tokens {unknown} are not in the tokenizer's vocabulary")
+    stop = torch.tensor(stop_ids, dtype=torch.long)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out: list[str | None] = [None] * len(prompts)
     by_len: dict[int, list[int]] = {}
@@ -163,12 +170,13 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int =
                     nxt = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 ids, step_ids = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]
-                done |= nxt == eos
+                done |= (nxt == eos) | torch.isin(nxt, stop.to(nxt.device))
                 if bool(done.all()):
                     break
             for j, i in enumerate(chunk):
                 new = ids[j, length:].tolist()
-                if eos in new:
-                    new = new[:new.index(eos)]
+                ends = [j for j, t in enumerate(new) if t == eos or t in stop_ids]
+                if ends:
+                    new = new[:ends[0] + (new[ends[0]] != eos)]
                 out[i] = tokenizer.decode(new, skip_special_tokens=True)
     return out

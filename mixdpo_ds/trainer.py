@@ -16,6 +16,7 @@ owns only the K experts (ZeRO shards them). Gate gradients are averaged over ran
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ from mixdpo_ds.deepspeed_config import build_deepspeed_config, lr_lambda, zero_s
 from mixdpo_ds.distributed import all_reduce_mean, global_mean_rows, init_distributed, replicated_load
 from mixdpo_ds.em import random_responsibilities, tau_at
 from mixdpo_ds.kernels import mbt_loss
-from mixdpo_ds.losses import MixDPOOutput
+from mixdpo_ds.losses import MixDPOOutput, chosen_nll
 from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
 from mixdpo_ds.reference import PolicyReference
 
@@ -248,11 +249,18 @@ class MixDPOTrainer:
             from mixdpo_ds.gumbel import sample_gumbel
             noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
                                   device=self.device)[:, self.rank * B:(self.rank + 1) * B]
-        return mbt_loss(as_pairs(out.logps, B), self._ref_logps(batch, split, out), log_w, beta,
-                        posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
-                        estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
-                        gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em),
-                        impl=self.cfg.loss.resolved_impl(self.device))
+        policy_logps = as_pairs(out.logps, B)
+        res = mbt_loss(policy_logps, self._ref_logps(batch, split, out), log_w, beta,
+                       posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
+                       estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
+                       gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em),
+                       impl=self.cfg.loss.resolved_impl(self.device))
+        alpha = self.cfg.loss.rpo_alpha
+        if alpha > 0:  # RPO: + α · responsibility-weighted per-token NLL of the chosen responses
+            nll = chosen_nll(policy_logps, (batch["labels"][:B] != -100).sum(1).to(self.device), res.resp)
+            res = dataclasses.replace(res, loss=res.loss + alpha * nll, policy_loss=res.policy_loss + alpha * nll,
+                                      metrics={**res.metrics, "rpo_nll": nll.detach()})
+        return res
 
     def _next_batch(self) -> dict:
         t = self.cfg.train

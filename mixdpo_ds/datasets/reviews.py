@@ -42,6 +42,9 @@ class ReviewsConfig:
     p_error: float = field(default=0.2, metadata={"help": "per-clause probability of a subject-verb agreement error"})
     p_repeat: float = field(default=0.15, metadata={"help": "probability of one repeated word"})
     p_no_period: float = field(default=0.2, metadata={"help": "probability of a missing final period"})
+    drop_ties: bool = field(default=True, metadata={
+        "help": "redraw the rejected side while the labelling group's reward ties (annotators skip pairs they are "
+                "indifferent about, as binarised preference sets drop ties); False keeps ties as coin flips"})
     contextual_rewards: dict = field(
         default_factory=lambda: {"movie": "sentiment", "book": "informativeness"},
         metadata={"help": "contextual task: domain -> annotator reward name"},
@@ -128,6 +131,9 @@ def bt_probability(r_a: float, r_b: float, temperature: float) -> float:
     return 1.0 / (1.0 + math.exp(-diff / temperature))
 
 
+_MAX_REDRAWS = 1000
+
+
 def _group_and_domain(rng: np.random.Generator, cfg: ReviewsConfig) -> tuple[str, str]:
     if cfg.task == "multi":
         return _pick(rng, cfg.groups()), "movie"
@@ -136,15 +142,22 @@ def _group_and_domain(rng: np.random.Generator, cfg: ReviewsConfig) -> tuple[str
 
 
 def make_pair(rng: np.random.Generator, cfg: ReviewsConfig) -> dict:
-    """One labelled pair: the group is drawn first, independently of the prompt (multi) or as its domain."""
+    """One labelled pair: the group is drawn first, independently of the prompt (multi) or as its domain; with
+    `drop_ties` the rejected side is redrawn until the group's reward separates the two responses."""
     group, domain = _group_and_domain(rng, cfg)
     prompt = make_prompt(rng, cfg.task, domain)
-    a = make_response(rng, cfg)
-    b = make_response(rng, cfg)
-    while b == a:
-        b = make_response(rng, cfg)
     reward = ANNOTATORS[cfg.group_reward_name(group)]
-    p = bt_probability(reward(prompt, a), reward(prompt, b), cfg.temperature)
+    a = make_response(rng, cfg)
+    r_a = reward(prompt, a)
+    for _ in range(_MAX_REDRAWS):
+        b = make_response(rng, cfg)
+        r_b = reward(prompt, b)
+        if b != a and not (cfg.drop_ties and r_b == r_a):
+            break
+    else:
+        raise RuntimeError(f"no non-tied response for {a!r} under {cfg.group_reward_name(group)} after "
+                           f"{_MAX_REDRAWS} draws")
+    p = bt_probability(r_a, r_b, cfg.temperature)
     chosen, rejected = (a, b) if rng.random() < p else (b, a)
     user = f"{group}_{int(rng.integers(cfg.users_per_group))}"
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "group": group, "user": user, "domain": domain}

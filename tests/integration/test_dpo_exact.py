@@ -69,3 +69,39 @@ def test_k1_equals_hand_dpo(tiny_gpt2_dir, prefs_jsonl, tmp_path, correction):
         assert abs(step1["loss"] - want_loss.item()) < 1e-6
     finally:
         trainer.cleanup()
+
+
+def test_k1_rpo_alpha_adds_the_chosen_nll(tiny_gpt2_dir, prefs_jsonl, tmp_path):
+    """loss.rpo_alpha = 0.5, K = 1: loss = hand DPO + 0.5 · mean_i (−lp+_i / |y+_i|) (TRL's RPO), gradients included."""
+    alpha = 0.5
+    cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, tmp_path / "rpo", **{
+        "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA,
+        "loss.rpo_alpha": alpha, "train.max_steps": 1, "train.micro_batch_size": 4, "train.reference": "model",
+        "train.export": False}))
+    trainer = MixDPOTrainer(cfg)
+    trainer.setup()
+    try:
+        model = trainer.engine.module.models[0]
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        batch = trainer._next_batch()
+        res = trainer.loss_terms(batch, step=0)
+        trainer.engine.backward(res.loss)
+
+        policy = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+        policy.load_state_dict(initial)
+        ref = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+        B = batch["index"].shape[0]
+        lp = hf_sequence_logps(policy, batch)
+        with torch.no_grad():
+            rp = hf_sequence_logps(ref, batch)
+        n_chosen = (batch["labels"][:B] != -100).sum(1).float()
+        dpo = -F.logsigmoid(BETA * ((lp[:B] - lp[B:]) - (rp[:B] - rp[B:]))).mean()
+        nll = (-lp[:B] / n_chosen).mean()
+        want = dpo + alpha * nll
+        want.backward()
+        torch.testing.assert_close(res.loss.detach(), want.detach(), atol=1e-6, rtol=0)
+        assert abs(res.metrics["rpo_nll"].item() - nll.item()) < 1e-5
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, dict(policy.named_parameters())[name].grad, atol=1e-6, rtol=0, msg=name)
+    finally:
+        trainer.cleanup()

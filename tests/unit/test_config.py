@@ -68,6 +68,8 @@ def test_field_checks_name_key_and_allowed(tmp_path):
         load_config(path, ["deepspeed.zero_stage=4"])
     with pytest.raises(ValueError, match=r"em\.mode"):
         load_config(path, ["em.mode=foo"])
+    with pytest.raises(ValueError, match=r"loss\.rpo_alpha must be >= 0, got -0\.1"):
+        load_config(path, ["loss.rpo_alpha=-0.1"])
     with pytest.raises(ValueError, match="model.name_or_path is required"):
         load_config(write(tmp_path, {"data": {"path": "d"}}, "no_model.yaml"))
     with pytest.raises(ValueError, match="alternate"):

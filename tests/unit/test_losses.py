@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mixdpo_ds.losses import (
     EStepWeights,
+    chosen_nll,
     corrected_margins,
     dpo_loss,
     e_step,
@@ -309,3 +310,19 @@ def test_bad_arguments_name_the_key():
         mixdpo_loss(policy, ref, log_w, 0.5, posterior_correction=2)
     with pytest.raises(ValueError, match=r"resp must have shape \(B, K\) = \(1, 2\)"):
         mixdpo_loss(policy, ref, log_w, 0.5, resp=torch.ones(1, 3) / 3)
+
+
+def test_chosen_nll_by_hand_and_its_gradient():
+    """RPO term: mean_i Σ_k q_ik (−lp_ik(chosen) / n_i). Pair 0: q (0.25, 0.75), lp (−4, −8), 2 tokens → 0.25·2 +
+    0.75·4 = 3.5; pair 1: q (1, 0), lp (−3, −9), 3 tokens → 1. Mean 2.25. The rejected side plays no part; the
+    gradient reaches the log-probs (−q_ik / n_i / B), never the responsibilities."""
+    lp = torch.tensor([[[-4.0, -8.0], [-1.0, -1.0]], [[-3.0, -9.0], [-2.0, -2.0]]], requires_grad=True)
+    q = torch.tensor([[0.25, 0.75], [1.0, 0.0]], requires_grad=True)
+    v = chosen_nll(lp, torch.tensor([2, 3]), q)
+    assert v.item() == pytest.approx(2.25)
+    v.backward()
+    want = torch.zeros(2, 2, 2)
+    want[0, 0] = torch.tensor([-0.25 / 2, -0.75 / 2]) / 2
+    want[1, 0] = torch.tensor([-1.0 / 3, 0.0]) / 2
+    torch.testing.assert_close(lp.grad, want)
+    assert q.grad is None

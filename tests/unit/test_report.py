@@ -150,3 +150,11 @@ def test_sft_lowers_the_loss_and_sampling_uses_the_vocabulary(tmp_path):
     ys = sample_responses(model, tok, [r["prompt"] for r in rows[:6]], seed=1)
     assert ys == sample_responses(model, tok, [r["prompt"] for r in rows[:6]], seed=1)  # seeded
     assert all(set(y.split()) <= set(vocab.all_words()) for y in ys)
+    # a stop token ends the sample and is kept; the same draws up to it (same seed, same prompts)
+    stopped = sample_responses(model, tok, [r["prompt"] for r in rows[:6]], seed=1, stop_tokens=("and", "."))
+    for y, full in zip(stopped, ys, strict=True):
+        words = y.split()
+        assert all(w not in ("and", ".") for w in words[:-1])
+        assert full.startswith(y) and (words[-1] in ("and", ".") or y == full)
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        sample_responses(model, tok, ["review of heat :"], stop_tokens=("zebra",))

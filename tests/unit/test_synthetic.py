@@ -188,3 +188,18 @@ def test_generated_data_has_the_issue_properties():
     ctx = ReviewsConfig(task="contextual", num_train=400, num_test=400, num_sft=10)
     cdata = generate(ctx)
     assert bayes_ceilings(cdata["train"], cdata["test"], ctx)["prompt_recovery"] == 1.0
+
+
+def test_drop_ties_redraws_until_the_groups_reward_separates_the_pair():
+    """Default: no pair ties under its own group's reward (annotators skip pairs they are indifferent about);
+    drop_ties=False keeps ties (a coin flip each), which the grammar rule makes common."""
+    for task in ("multi", "contextual"):
+        cfg = ReviewsConfig(task=task, num_train=400, num_test=10, num_sft=10)
+        rows = generate(cfg)["train"]
+        margins = reward_margins(rows, cfg)
+        own = margins[np.arange(len(rows)), [cfg.groups().index(r["group"]) for r in rows]]
+        assert (own != 0).all(), task
+    cfg = ReviewsConfig(num_train=400, num_test=10, num_sft=10, drop_ties=False)
+    rows = generate(cfg)["train"]
+    own = reward_margins(rows, cfg)[np.arange(len(rows)), [cfg.groups().index(r["group"]) for r in rows]]
+    assert (own == 0).mean() > 0.05

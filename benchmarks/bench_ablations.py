@@ -33,7 +33,7 @@ from mixdpo_ds.demo import DemoConfig, _quiet, held_out_metrics, train_and_evalu
 from mixdpo_ds.report import fmt
 from mixdpo_ds.sft import SFTConfig, build_tiny_base
 
-PRETRAIN = {"pretrain_steps": 200, "pretrain_label_column": "group"}
+PRETRAIN = {"pretrain_steps": 1000, "pretrain_label_column": "group"}  # the demo's gate_pretrain_steps
 # name -> list of (variant, task, K, gate kind, run-config overrides)
 ABLATIONS = {
     "correction": [("c = 1 (eq. 11 with q^(r))", "multi", 3, "mix", {"em": {"posterior_correction": 1}}),
@@ -67,7 +67,8 @@ def _commit() -> str:
 
 def prepare_seed(cfg: DemoConfig, seed: int, root: str, tokenizer) -> tuple[str, dict]:
     """Data of both tasks + the SFT base for one seed (as the demo builds them)."""
-    paths = {t: write_task(ReviewsConfig(task=t, num_train=cfg.num_train, num_test=cfg.num_test,
+    n_train = {"multi": cfg.num_train, "contextual": cfg.num_train_contextual}
+    paths = {t: write_task(ReviewsConfig(task=t, num_train=n_train[t], num_test=cfg.num_test,
                                          num_sft=cfg.num_sft, seed=seed), os.path.join(root, f"s{seed}", t))
              for t in ("multi", "contextual")}
     rows = read_jsonl(paths["multi"]["sft"]) + read_jsonl(paths["contextual"]["sft"])
@@ -88,7 +89,7 @@ def run_ablation(name: str, cfg: DemoConfig, seeds: int, root: str, tokenizer, b
         for label, _, K, gate, over in rows:
             t0 = time.perf_counter()
             res = train_and_evaluate(cfg, base, paths[task], os.path.join(root, f"s{seed}", name, str(hash(label))),
-                                     K, gate, seed, groups, over)
+                                     K, gate, seed, groups, over, task)
             m = held_out_metrics(res["rows"], groups, K)
             m["seconds"] = time.perf_counter() - t0
             results[label].append(m)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = DemoConfig(fast=a.fast, progress_bar=False)
     if a.steps:
-        cfg.steps = a.steps
+        cfg.steps = cfg.ctx_steps = a.steps
     names = list(ABLATIONS) if a.ablation == "all" else [a.ablation]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mixdpo_ablations_") as root:
@@ -130,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     head = [f"### Ablations on the synthetic review tasks ({a.seeds} seed(s), mean ± sd)", "",
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, "
             f"torch {torch.__version__}, 1 thread); commit {_commit()}; date "
-            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; command `{cmd}`; {cfg.steps} steps "
-            f"× {cfg.batch_size} pairs per run, lr {cfg.lr}, β {cfg.beta}; total {time.perf_counter() - t0:.0f} s.", ""]
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; command `{cmd}`; the demo's budgets: "
+            f"multi-reward runs {cfg.steps} steps × {cfg.batch_size} pairs ({cfg.num_train} training pairs), "
+            f"contextual runs {cfg.ctx_steps} × {cfg.ctx_batch_size} ({cfg.num_train_contextual}); lr {cfg.lr}, "
+            f"β {cfg.beta}; total {time.perf_counter() - t0:.0f} s.", ""]
     text = "\n".join(head + tables)
     print(text)
     if not a.no_append:

@@ -6,9 +6,10 @@
 Per seed: synthetic review data with known annotator groups (`mixdpo_ds.datasets`) → SFT warm-up of a tiny GPT-2
 (`mixdpo_ds.sft`) → through the real trainer (`MixDPOTrainer`, DeepSpeed engine; the runs of all seeds are spread
 over `--workers` processes): DPO (K=1) and Mix-DPO (K=3 heads) on the multi-reward task, DPO and MoE-DPO (K=2 heads,
-gate on the prompt) on the contextual task, each pair of runs with the same steps, batch and lr → `mixdpo_ds.evaluate.evaluate_run` on held-out pairs →
-samples from every expert scored by the annotators' reward functions → `report.md` + PNG figures
-(`mixdpo_ds.report`), with the Bayes ceilings of the data next to what the runs achieved.
+gate on the prompt) on the contextual task, each pair of runs with the same steps, batch and lr →
+`mixdpo_ds.evaluate.evaluate_run` on held-out pairs → samples from every expert scored by the annotators' reward
+functions (`mixdpo_ds.demo_samples`) → `report.md` + PNG figures (`mixdpo_ds.report`), with the Bayes ceilings of
+the data next to what the runs achieved.
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from mixdpo_ds.datasets.annotators import ANNOTATORS
 from mixdpo_ds.datasets.ceilings import bayes_ceilings
 from mixdpo_ds.datasets.reviews import ReviewsConfig, read_jsonl, write_task
 from mixdpo_ds.datasets.tokenizer import build_review_tokenizer
-from mixdpo_ds.sft import SFTConfig, build_tiny_base, sample_responses
+from mixdpo_ds.demo_samples import sample_tables
+from mixdpo_ds.sft import SFTConfig, build_tiny_base
 
 log = logging.getLogger("mixdpo_ds")
 
@@ -62,7 +63,7 @@ class DemoConfig:
     warmup_random_steps: int = field(default=0, metadata={"help": "Dirichlet-random E-step warm-up steps"})
     gate_rho: float = field(default=0.05, metadata={"help": "Mix-DPO closed-form weight update rate ρ"})
     gate_lr: float = field(default=5e-2, metadata={"help": "MoE gate lr"})
-    gate_pretrain_steps: int = field(default=200, metadata={
+    gate_pretrain_steps: int = field(default=1000, metadata={
         "help": "MoE-DPO (contextual): supervised pre-training of the linear prompt gate on the domain label, then "
                 "frozen (the paper's §4.2 classifier and its 'frozen gating layer' case)"})
     user_gate: bool = field(default=True, metadata={
@@ -194,79 +195,6 @@ def held_out_metrics(rows: list[dict], groups: list[str], K: int) -> dict:
     # "top-1 routed": each pair judged by its argmax-w expert (MoE-DPO's hard routing)
     top1 = hit[np.arange(len(rows)), w.argmax(1)]
     out["top1"] = {"all": float(top1.mean()), **{g: float(top1[gidx == j].mean()) for j, g in enumerate(groups)}}
-    return out
-
-
-def _score(prompts: list[str], responses: list[str]) -> dict[str, float]:
-    return {name: float(np.mean([f(p, r) for p, r in zip(prompts, responses, strict=True)]))
-            for name, f in ANNOTATORS.items()}
-
-
-@torch.no_grad()
-def end_probability(model, tokenizer, rows: list[dict]) -> float:
-    """Mean P(end-of-sequence | prompt + a complete review) over held-out chosen responses that end in '.': how
-    willing a model is to stop where the data stops (the SFT reference: about 0.98)."""
-    texts = [f"{r['prompt']} {r['chosen']}" for r in rows if r["chosen"].endswith(".")]
-    probs = []
-    for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        probs.append(float(model(input_ids=ids).logits[0, -1].float().softmax(-1)[tokenizer.eos_token_id]))
-    return float(np.mean(probs)) if probs else float("nan")
-
-
-def _sample(model, tokenizer, prompts: list[str], seed: int, cfg: DemoConfig, rows: list[dict], ends: dict,
-            name: str) -> list[str]:
-    ends[name] = end_probability(model, tokenizer, rows[:cfg.num_end_probe])
-    return sample_responses(model, tokenizer, prompts, seed=seed, stop_tokens=(".",) if cfg.stop_at_period else ())
-
-
-def _route(samples: list[list[str]], w: np.ndarray, rng: np.random.Generator, top1: bool = False) -> list[str]:
-    """Ancestral mixture sampling from per-expert samples: z_i ~ w_i (or argmax), then expert z_i's sample."""
-    z = w.argmax(1) if top1 else np.array([rng.choice(len(wi), p=wi / wi.sum()) for wi in w])
-    return [samples[k][i] for i, k in enumerate(z)]
-
-
-def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: dict, test: dict) -> dict:
-    """Table 1 (multi: mean annotator rewards of samples) and Table 2 (contextual: each domain's own reward)."""
-    from transformers import AutoModelForCausalLM
-
-    from mixdpo_ds.export import load_expert
-
-    rng = np.random.default_rng(seed)
-    n = cfg.num_samples
-    ref = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    out = {}
-    for task, (dpo, mix, K) in {"multi": ("dpo_multi", "mixdpo", 3), "contextual": ("dpo_ctx", "moedpo", 2)}.items():
-        rows = test[task][:n]
-        prompts = [r["prompt"] for r in rows]
-        w = np.array([r["w"] for r in sorted(runs[mix]["rows"], key=lambda r: r["index"])[:n]])
-        ends = {}
-        samples = {"reference (SFT)": _sample(ref, tokenizer, prompts, seed, cfg, rows, ends, "reference (SFT)"),
-                   "DPO": _sample(load_expert(runs[dpo]["export"], 0), tokenizer, prompts, seed, cfg, rows, ends,
-                                  "DPO")}
-        experts = [_sample(load_expert(runs[mix]["export"], k), tokenizer, prompts, seed + 17 * k, cfg, rows, ends,
-                           f"expert {k}") for k in range(K)]
-        for k in range(K):
-            samples[f"expert {k}"] = experts[k]
-        samples["mixture (z ~ w)"] = _route(experts, w, rng)
-        if task == "contextual":
-            samples["mixture (top-1 w)"] = _route(experts, w, rng, top1=True)
-        if task == "multi":
-            out[task] = {name: _score(prompts, resp) for name, resp in samples.items()}
-        else:
-            out[task] = {name: _domain_scores(rows, resp, test["contextual_rewards"]) for name, resp in samples.items()}
-        out[task + "_examples"] = {name: resp[:3] for name, resp in samples.items()}
-        out[task + "_end_probability"] = ends
-        out[task + "_prompts"] = prompts[:3]
-    return out
-
-
-def _domain_scores(rows: list[dict], responses: list[str], rewards: dict) -> dict[str, float]:
-    """Contextual task: each prompt scored by its own domain's annotator reward (paper Table 2)."""
-    out = {}
-    for domain, name in rewards.items():
-        vals = [ANNOTATORS[name](r["prompt"], y) for r, y in zip(rows, responses, strict=True) if r["domain"] == domain]
-        out[f"{domain} ({name})"] = float(np.mean(vals)) if vals else float("nan")
     return out
 
 

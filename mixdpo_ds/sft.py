@@ -131,8 +131,10 @@ def build_tiny_base(out_dir: str, tokenizer, rows: list[dict], cfg: SFTConfig, n
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, seed: int = 0,
-                     batch_size: int = 128, greedy: bool = False, stop_tokens: tuple[str, ...] = ()) -> list[str]:
-    """Sample one response per prompt (temperature 1, no top-k/top-p) and decode it without special tokens.
+                     batch_size: int = 128, greedy: bool = False, stop_tokens: tuple[str, ...] = (),
+                     temperature: float = 1.0) -> list[str]:
+    """Sample one response per prompt (softmax(logits / temperature), no top-k/top-p) and decode it without special
+    tokens.
 
     A sample ends at end-of-sequence (dropped), at the first of `stop_tokens` (kept, like a stop string of
     `generate`) or after max_new_tokens. Prompts are grouped by token length so no batch needs padding (GPT-2 has
@@ -140,6 +142,8 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int =
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if not temperature > 0:
+        raise ValueError(f"sample_responses: temperature must be > 0 (greedy=True for argmax), got {temperature}")
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
     unknown = [t for t, i in zip(stop_tokens, stop_ids, strict=True) if i is None or i == tokenizer.unk_token_id]
     if unknown:
@@ -166,7 +170,7 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int =
                 if greedy:
                     nxt = logits.argmax(-1)
                 else:
-                    probs = torch.softmax(logits, -1).cpu()
+                    probs = torch.softmax(logits / temperature, -1).cpu()
                     nxt = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 ids, step_ids = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]

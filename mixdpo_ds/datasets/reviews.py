@@ -9,7 +9,7 @@ Two tasks, as in the paper:
   function of the prompt's domain word, and of the `user` id.
 
 A response is 1–3 clauses "the <noun> <be> [intensifier] <adjective>" joined by "and"/"but" and a final ".", with
-seeded grammar corruptions (agreement errors, a repeated word, a missing period). Both responses of a pair are
+seeded grammar corruptions (agreement errors, a dropped subject word, a repeated word, a missing period). Both responses of a pair are
 drawn independently from this base distribution, which is also the SFT corpus. Labels follow Bradley–Terry with the
 group's reward: P(a ≻ b) = sigmoid((r_g(x, a) − r_g(x, b)) / temperature); ties are a fair coin.
 
@@ -42,6 +42,9 @@ class ReviewsConfig:
     p_error: float = field(default=0.2, metadata={"help": "per-clause probability of a subject-verb agreement error"})
     p_repeat: float = field(default=0.15, metadata={"help": "probability of one repeated word"})
     p_no_period: float = field(default=0.2, metadata={"help": "probability of a missing final period"})
+    p_missing_subject: float = field(default=0.1, metadata={
+        "help": "per-clause probability that the subject's head word is dropped ('the is good', 'but was dull'): "
+                "the grammar rule's 'copula without a noun' error, which model samples drift into"})
     drop_ties: bool = field(default=True, metadata={
         "help": "redraw the rejected side while the labelling group's reward ties (annotators skip pairs they are "
                 "indifferent about, as binarised preference sets drop ties); False keeps ties as coin flips"})
@@ -59,7 +62,7 @@ class ReviewsConfig:
                 raise ValueError(f"reviews.{key} must be >= 1, got {getattr(self, key)}")
         if self.temperature < 0:
             raise ValueError(f"reviews.temperature must be >= 0, got {self.temperature}")
-        for key in ("p_error", "p_repeat", "p_no_period"):
+        for key in ("p_error", "p_repeat", "p_no_period", "p_missing_subject"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"reviews.{key} must be in [0, 1], got {getattr(self, key)}")
         for domain, name in self.contextual_rewards.items():
@@ -96,6 +99,8 @@ def _clause(rng: np.random.Generator, cfg: ReviewsConfig) -> list[str]:
         subject, number = [_pick(rng, vocab.VAGUE_SUBJECTS)], "singular"
     if rng.random() < cfg.p_error:
         number = "plural" if number == "singular" else "singular"
+    if rng.random() < cfg.p_missing_subject:
+        subject = subject[:-1]  # "the plot" -> "the", "it" -> nothing
     be = (vocab.BE_PRESENT if rng.random() < 0.5 else vocab.BE_PAST)[number]
     words = [*subject, be]
     if rng.random() < 0.3:

@@ -156,5 +156,10 @@ def test_sft_lowers_the_loss_and_sampling_uses_the_vocabulary(tmp_path):
         words = y.split()
         assert all(w not in ("and", ".") for w in words[:-1])
         assert full.startswith(y) and (words[-1] in ("and", ".") or y == full)
+    # temperature scales the logits: near 0 it is argmax decoding
+    prompts = [r["prompt"] for r in rows[:6]]
+    assert sample_responses(model, tok, prompts, temperature=1e-4) == sample_responses(model, tok, prompts, greedy=True)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_responses(model, tok, prompts, temperature=0.0)
     with pytest.raises(ValueError, match="not in the tokenizer"):
         sample_responses(model, tok, ["review of heat :"], stop_tokens=("zebra",))

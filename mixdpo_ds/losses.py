@@ -172,6 +172,15 @@ def policy_loss(corrected: Tensor, resp: Tensor, label_smoothing: float = 0.0) -
     return -(resp.detach() * bt_loglik(corrected, label_smoothing)).sum(-1).mean()
 
 
+def kl_to_uniform(w: Tensor) -> Tensor:
+    """KL(w ‖ U) = Σ_k w_k (log w_k + log K) of one weight vector w (K,); 0 · log 0 = 0.
+
+    Example: w = (0.5, 0.5, 0) → 0.5·log(1.5) · 2 = log 1.5 = 0.4055.
+    """
+    K = w.shape[-1]
+    return torch.where(w > 0, w * (w.clamp_min(torch.finfo(w.dtype).tiny).log() + math.log(K)), 0.0).sum()
+
+
 def _kl_to_uniform_of_mean(log_w: Tensor) -> Tensor:
     """KL(w̄ ‖ U) with w̄ = mean_i w_i, computed from log w̄ = logsumexp_i log w_i − log B (finite at w → 0)."""
     B, K = log_w.shape

@@ -28,10 +28,16 @@ from mixdpo_ds import checkpoint as ckpt
 from mixdpo_ds.config import RunConfig
 from mixdpo_ds.data import batches, collate, load_preference_data, num_batches
 from mixdpo_ds.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
-from mixdpo_ds.distributed import all_reduce_mean, global_mean_rows, init_distributed, replicated_load
+from mixdpo_ds.distributed import (
+    all_reduce_mean,
+    differentiable_global_mean_rows,
+    global_mean_rows,
+    init_distributed,
+    replicated_load,
+)
 from mixdpo_ds.em import random_responsibilities, tau_at
 from mixdpo_ds.kernels import mbt_loss
-from mixdpo_ds.losses import MixDPOOutput, chosen_nll
+from mixdpo_ds.losses import MixDPOOutput, chosen_nll, kl_to_uniform
 from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
 from mixdpo_ds.reference import PolicyReference
 
@@ -250,11 +256,18 @@ class MixDPOTrainer:
             noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
                                   device=self.device)[:, self.rank * B:(self.rank + 1) * B]
         policy_logps = as_pairs(out.logps, B)
+        # λ_global · KL(w̄ ‖ U) needs the global batch's w̄: with several ranks it is added here, through a
+        # differentiable all-reduce, instead of inside the loss (which only sees this rank's rows).
+        global_kl = bool(phase.lambda_global) and self.world > 1
         res = mbt_loss(policy_logps, self._ref_logps(batch, split, out), log_w, beta,
                        posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
-                       estep=phase.estep, lambda_global=phase.lambda_global, resp=resp, mode=mode,
+                       estep=phase.estep, lambda_global=0.0 if global_kl else phase.lambda_global, resp=resp,
+                       mode=mode,
                        gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(step, em),
                        impl=self.cfg.loss.resolved_impl(self.device))
+        if global_kl:
+            kl = phase.lambda_global * kl_to_uniform(differentiable_global_mean_rows(log_w.float().exp().expand(B, -1)))
+            res = dataclasses.replace(res, loss=res.loss + kl, gate_loss=res.gate_loss + kl)
         alpha = self.cfg.loss.rpo_alpha
         if alpha > 0:  # RPO: + α · responsibility-weighted per-token NLL of the chosen responses
             nll = chosen_nll(policy_logps, (batch["labels"][:B] != -100).sum(1).to(self.device), res.resp)

@@ -9,9 +9,10 @@ Two tasks, as in the paper:
   function of the prompt's domain word, and of the `user` id.
 
 A response is 1–3 clauses "the <noun> <be> [intensifier] <adjective>" joined by "and"/"but" and a final ".", with
-seeded grammar corruptions (agreement errors, a dropped subject word, a repeated word, a missing period). Both responses of a pair are
-drawn independently from this base distribution, which is also the SFT corpus. Labels follow Bradley–Terry with the
-group's reward: P(a ≻ b) = sigmoid((r_g(x, a) − r_g(x, b)) / temperature); ties are a fair coin.
+seeded grammar corruptions (agreement errors, a dropped subject word, a repeated word, a missing period). Both
+responses of a pair are drawn from this base distribution, which is also the SFT corpus; with `drop_ties` (default)
+the second is redrawn while the labelling group's reward ties them. Labels follow Bradley–Terry with the group's
+reward: P(a ≻ b) = sigmoid((r_g(x, a) − r_g(x, b)) / temperature); a kept tie (drop_ties=False) is a fair coin.
 
 Rows: `prompt`, `chosen`, `rejected`, `group` (annotator group name), `user` (annotator id, e.g. "grammar_2"),
 `domain`. Same seed → byte-identical files.

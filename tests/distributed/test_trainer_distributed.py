@@ -24,16 +24,22 @@ pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("trainer_worker.py"))
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = "train.max_steps=3,train.save_every=0,em.warmup_random_steps=1"  # step 1: Dirichlet-random resp
-MOE = "gate.kind=moe,em.gate_update=alternate,train.export=false"  # gating network, refresh + gate step
+# gating network, refresh + gate step; λ_global · KL(w̄ ‖ U) needs the global batch's w̄ (a differentiable all-reduce)
+MOE = "gate.kind=moe,em.gate_update=alternate,em.lambda_global=1.0,train.export=false"
+# the prompt gate pre-trained on the objective label: confident w that differ between the ranks' shards, so a
+# rank-local w̄ in λ_global · KL(w̄ ‖ U) would not match the 1-rank run (untrained, w stays near uniform in 3 steps)
+MOEU = f"{MOE},gate.pretrain_steps=300,gate.pretrain_label_column=objective"
 GUMBEL = "em.mode=gumbel,em.gumbel.samples=2,train.export=false"  # Gumbel noise: global draws, rank's rows
 EP = "deepspeed.config=zero2,train.micro_batch_size=2,experts.num_experts=4,experts.ep_size=2"
 REFS = [f"ref3:deepspeed.config=zero0,train.micro_batch_size=4,{STEPS}",
         "ref4:deepspeed.config=zero0,train.micro_batch_size=4,experts.num_experts=4,train.max_steps=4",
         f"refm:deepspeed.config=zero0,train.micro_batch_size=4,{MOE},{STEPS}",
-        f"refg:deepspeed.config=zero0,train.micro_batch_size=4,{GUMBEL},{STEPS}"]
+        f"refg:deepspeed.config=zero0,train.micro_batch_size=4,{GUMBEL},{STEPS}",
+        f"refu:deepspeed.config=zero0,train.micro_batch_size=4,{MOEU},{STEPS}"]
 DIST = [f"z2:deepspeed.config=zero2,train.micro_batch_size=2,{STEPS}",
         f"zm:deepspeed.config=zero2,train.micro_batch_size=2,{MOE},{STEPS}",
         f"zg:deepspeed.config=zero2,train.micro_batch_size=2,{GUMBEL},{STEPS}",
+        f"zu:deepspeed.config=zero2,train.micro_batch_size=2,{MOEU},{STEPS}",
         f"z3:deepspeed.config=zero3,train.micro_batch_size=2,{STEPS}",
         f"ep2:{EP},train.max_steps=4,train.save_every=2,train.keep_last=0",
         f"ep2r:{EP},train.max_steps=2,train.export=false",  # interrupted after step 2 ...
@@ -86,11 +92,20 @@ def test_two_ranks_match_one_rank(runs, name):
 
 
 def test_moe_gate_two_ranks_match_one_rank(runs):
-    """MoE-DPO gate (prompt features -> w), alternate updates: the gate's gradients are averaged over ranks by hand
-    (it is outside the engine); its loss and the policy's must follow the 1-rank run."""
+    """MoE-DPO gate (prompt features -> w), alternate updates, λ_global = 1: the gate's gradients are averaged over
+    ranks by hand (it is outside the engine) and KL(w̄ ‖ U) uses the global batch's w̄; its loss and the policy's
+    must follow the 1-rank run."""
     _assert_losses_match(runs / "zm", runs / "refm", 1e-5)
     for g, w in zip(_metrics(runs / "zm"), _metrics(runs / "refm"), strict=True):
         assert abs(g["gate_loss"] - w["gate_loss"]) < 1e-5 and abs(g["gate/entropy"] - w["gate/entropy"]) < 1e-5
+
+
+def test_pretrained_gate_global_kl_two_ranks_match_one_rank(runs):
+    """λ_global · KL(w̄ ‖ U) with a confident (pre-trained) gate: w̄ is the global batch's (a differentiable all-reduce),
+    so the gate loss and the policy's follow the 1-rank run, and the KL term is far from 0 (a real check)."""
+    _assert_losses_match(runs / "zu", runs / "refu", 1e-5)
+    for g, w in zip(_metrics(runs / "zu"), _metrics(runs / "refu"), strict=True):
+        assert abs(g["gate_loss"] - w["gate_loss"]) < 1e-5, (g["step"], g["gate_loss"], w["gate_loss"])
 
 
 def test_gumbel_two_ranks_match_one_rank(runs):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mixdpo_ds.losses import (
     EStepWeights,
     chosen_nll,
+    kl_to_uniform,
     corrected_margins,
     dpo_loss,
     e_step,
@@ -326,3 +327,15 @@ def test_chosen_nll_by_hand_and_its_gradient():
     want[1, 0] = torch.tensor([-1.0 / 3, 0.0]) / 2
     torch.testing.assert_close(lp.grad, want)
     assert q.grad is None
+
+
+def test_kl_to_uniform_by_hand():
+    """KL(w ‖ U): (0.5, 0.5, 0) → log 1.5 = 0.405465; uniform → 0; one-hot over K = 4 → log 4; the same value the
+    gate loss's λ_global term gives for a batch whose mean weight is w."""
+    assert kl_to_uniform(torch.tensor([0.5, 0.5, 0.0])).item() == pytest.approx(math.log(1.5), abs=1e-6)
+    assert kl_to_uniform(torch.full((3,), 1 / 3)).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_to_uniform(torch.tensor([1.0, 0.0, 0.0, 0.0])).item() == pytest.approx(math.log(4), abs=1e-6)
+    log_w = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.4, 0.5]]))
+    resp = torch.zeros(2, 3)
+    assert gate_loss(log_w, resp, lambda_global=1.0).item() == pytest.approx(
+        kl_to_uniform(log_w.exp().mean(0)).item(), abs=1e-6)

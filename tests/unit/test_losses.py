@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from mixdpo_ds.losses import (
     EStepWeights,
     chosen_nll,
-    kl_to_uniform,
     corrected_margins,
     dpo_loss,
     e_step,
@@ -17,6 +16,7 @@ from mixdpo_ds.losses import (
     expert_margins,
     gate_loss,
     implicit_rewards,
+    kl_to_uniform,
     mix_weight_update,
     mixdpo_loss,
     mixture_rewards,

@@ -233,6 +233,9 @@ class MixturePolicy(nn.Module):
             register_heads_for_zero3(self, [_head_weight(m) for m in self.models])
         elif self.kind == "lora":
             register_heads_for_zero3(self, [_head_weight(lora_model.base_model.model)])
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            # a plain list, not a ModuleList: the layers are already submodules of lora_model
+            self._lora_layers = [m for m in lora_model.modules() if isinstance(m, BaseTunerLayer)]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -282,11 +285,11 @@ class MixturePolicy(nn.Module):
         """The HF causal LM that computes expert k (for lora: the shared base with adapter k active)."""
         if self.kind == "models":
             return self.models[k]
-        self.lora_model.base_model.set_adapter(self.adapter_names[k])
-        # peft's set_adapter marks only the active adapter trainable; all K stay trainable here.
-        for name, p in self.lora_model.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(True)
+        # Activate adapter k on every LoRA layer without peft's `set_adapter`, which also flips requires_grad of the
+        # inactive adapters (ZeRO-1/2's gradient hooks need requires_grad fixed from the forward to the backward).
+        # All K adapters stay trainable; only the active one is in this pass's graph.
+        for module in self._lora_layers:
+            module._active_adapter = [self.adapter_names[k]]
         return self.lora_model.base_model.model
 
     @torch.no_grad()
@@ -299,11 +302,19 @@ class MixturePolicy(nn.Module):
         if self.kind == "lora":
             was_training = self.lora_model.training
             self.lora_model.eval()
-            with self.lora_model.disable_adapter():
+            # Adapters off by the layers' own flag, not peft's `disable_adapter()`: re-enabling through peft marks
+            # the inactive adapters requires_grad=False, and that between the policy forward and its backward
+            # leaves ZeRO-1/2's gradient hooks with param.grad None (a crash at the first step).
+            for module in self._lora_layers:
+                module._disable_adapters = True
+            try:
                 model = self.lora_model.base_model.model
                 hidden = _trunk_hidden(model.base_model, input_ids, attention_mask)
                 out = self._logps(hidden, _head_weight(model).unsqueeze(0), labels)[:, 0]
-            self.lora_model.train(was_training)
+            finally:
+                for module in self._lora_layers:
+                    module._disable_adapters = False
+                self.lora_model.train(was_training)
             return out
         raise ValueError(f"experts.kind={self.kind!r} (trunk={self.cfg.trunk!r}) has no built-in reference; "
                          "use reference.FrozenReference")
@@ -372,12 +383,16 @@ def _build_lora(base: PreTrainedModel, cfg: ExpertsConfig, seed: int) -> nn.Modu
 
 
 def _lora_noise_(model: nn.Module, rel_std: float, generator: torch.Generator) -> None:
+    """Noise on each lora_B, scaled by its base layer's weight std. Under ZeRO-3 the base weight is partitioned at
+    load (empty here: its std would be NaN), so it is gathered to read it; the adapters are not partitioned yet and
+    every rank draws the same noise (same generator seed)."""
     for module in model.modules():
         lora_b = getattr(module, "lora_B", None)
         if isinstance(lora_b, nn.ModuleDict) and hasattr(module, "get_base_layer"):
             base_weight = module.get_base_layer().weight
-            for linear in lora_b.values():
-                _add_noise_(linear.weight, rel_std, generator, ref=base_weight)
+            with _gathered([base_weight]):
+                for linear in lora_b.values():
+                    _add_noise_(linear.weight, rel_std, generator, ref=base_weight)
 
 
 def _partitioned(params) -> bool:

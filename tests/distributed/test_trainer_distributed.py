@@ -1,8 +1,9 @@
 """`mixdpo train` (MixDPOTrainer) on 2 CPU ranks under the real `deepspeed` launcher (issue 5).
 
 Two launcher starts serve every test (a start costs 15-30 s): one single-process run of the 1-rank ZeRO-0
-references, one 2-rank run of ZeRO-2, ZeRO-3, a MoE-DPO gate and Gumbel mode at ZeRO-2, and expert parallel (ep_size=2,
-ZeRO-2; also interrupted at step 2 and resumed). Each rank draws the same global batch and keeps its half
+references, one 2-rank run of ZeRO-2, ZeRO-3, MoE-DPO gates (one pre-trained, with λ_global) and Gumbel mode at
+ZeRO-2, K LoRA adapters at ZeRO-2 and ZeRO-3, and expert parallel (ep_size=2, ZeRO-2; also interrupted at step 2
+and resumed). Each rank draws the same global batch and keeps its half
 (micro_batch_size 2 × 2 ranks = the reference's 4) and its rows of the global warm-up responsibilities
 (step 1); fp32, gradient clipping off, AdamW. Checked: per-step losses equal the 1-rank run (1e-5); the
 ZeRO-3 export loads with `from_pretrained` and reproduces the engine's log-probs; expert parallel matches
@@ -29,18 +30,23 @@ MOE = "gate.kind=moe,em.gate_update=alternate,em.lambda_global=1.0,train.export=
 # the prompt gate pre-trained on the objective label: confident w that differ between the ranks' shards, so a
 # rank-local w̄ in λ_global · KL(w̄ ‖ U) would not match the 1-rank run (untrained, w stays near uniform in 3 steps)
 MOEU = f"{MOE},gate.pretrain_steps=300,gate.pretrain_label_column=objective"
+# K LoRA adapters on one frozen base
+LORA = "experts.kind=lora,experts.lora_r=4,experts.init_noise=0.5,train.export=false"
 GUMBEL = "em.mode=gumbel,em.gumbel.samples=2,train.export=false"  # Gumbel noise: global draws, rank's rows
 EP = "deepspeed.config=zero2,train.micro_batch_size=2,experts.num_experts=4,experts.ep_size=2"
 REFS = [f"ref3:deepspeed.config=zero0,train.micro_batch_size=4,{STEPS}",
         "ref4:deepspeed.config=zero0,train.micro_batch_size=4,experts.num_experts=4,train.max_steps=4",
         f"refm:deepspeed.config=zero0,train.micro_batch_size=4,{MOE},{STEPS}",
         f"refg:deepspeed.config=zero0,train.micro_batch_size=4,{GUMBEL},{STEPS}",
-        f"refu:deepspeed.config=zero0,train.micro_batch_size=4,{MOEU},{STEPS}"]
+        f"refu:deepspeed.config=zero0,train.micro_batch_size=4,{MOEU},{STEPS}",
+        f"refl:deepspeed.config=zero0,train.micro_batch_size=4,{LORA},{STEPS}"]
 DIST = [f"z2:deepspeed.config=zero2,train.micro_batch_size=2,{STEPS}",
         f"zm:deepspeed.config=zero2,train.micro_batch_size=2,{MOE},{STEPS}",
         f"zg:deepspeed.config=zero2,train.micro_batch_size=2,{GUMBEL},{STEPS}",
         f"zu:deepspeed.config=zero2,train.micro_batch_size=2,{MOEU},{STEPS}",
         f"z3:deepspeed.config=zero3,train.micro_batch_size=2,{STEPS}",
+        f"l3:deepspeed.config=zero3,train.micro_batch_size=2,{LORA},{STEPS}",
+        f"l2:deepspeed.config=zero2,train.micro_batch_size=2,{LORA},{STEPS}",
         f"ep2:{EP},train.max_steps=4,train.save_every=2,train.keep_last=0",
         f"ep2r:{EP},train.max_steps=2,train.export=false",  # interrupted after step 2 ...
         f"ep2r:{EP},train.max_steps=4,train.resume_from=auto"]  # ... and resumed to step 4
@@ -110,6 +116,16 @@ def test_pretrained_gate_global_kl_two_ranks_match_one_rank(runs):
 
 def test_gumbel_two_ranks_match_one_rank(runs):
     _assert_losses_match(runs / "zg", runs / "refg", 1e-5)
+
+
+@pytest.mark.parametrize("name", ["l2", "l3"])
+def test_lora_two_ranks_match_one_rank(runs, name):
+    """K = 3 LoRA adapters on 2 ranks, ZeRO-2 and ZeRO-3 (base weights partitioned at load; the reference is a
+    replicated frozen base there, the base with adapters off in the 1-rank run): per-step losses follow the 1-rank
+    ZeRO-0 run. This caught three bugs: NaN init noise under ZeRO-3 (std of a partitioned, empty base weight), a
+    ZeRO-2 crash at the first backward, and, in every LoRA run, peft's adapter switching leaving all but one
+    adapter without gradients (step 2 differed by 5e-5 from the ZeRO-3 run, which has no such switching)."""
+    _assert_losses_match(runs / name, runs / "refl", 1e-5)
 
 
 def test_zero3_export_matches_in_training_logps(runs):

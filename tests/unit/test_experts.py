@@ -224,3 +224,24 @@ def test_bf16_policy_is_close_to_fp32(tiny_gpt2_dir):
     torch.testing.assert_close(out, fp32, atol=0.3, rtol=0)
     out.sum().backward()
     assert bf16_policy.heads.grad.dtype == torch.bfloat16
+
+
+def test_lora_every_adapter_gets_gradients_after_the_builtin_reference(tiny_gpt2_dir):
+    """The trainer's order: policy forward (K adapter passes) → built-in reference (adapters off) → backward. Every
+    adapter's LoRA weights keep requires_grad and receive a gradient, and the reference really is the base model.
+    (peft's set_adapter / disable_adapter left all but the last adapter requires_grad=False at the backward: only one
+    expert learned, and ZeRO-1/2 crashed on the missing gradients.)"""
+    policy = _policy(tiny_gpt2_dir, "lora", init_noise=0.2)
+    batch = make_batch(3)
+    out = policy_logps(policy, batch)
+    ref = policy.reference_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    torch.testing.assert_close(ref, hf_sequence_logps(base, batch), atol=1e-5, rtol=0)
+    (out.logps - ref[:, None]).sum().backward()
+    lora = {n: p for n, p in policy.named_parameters() if "lora_" in n}
+    for k in range(3):
+        mine = {n: p for n, p in lora.items() if f".expert_{k}." in n}
+        assert mine and all(p.requires_grad for p in mine.values()), k
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mine.values()), k
+    # each pass used only its own adapter: expert 0's logps do not depend on expert 1's weights
+    assert not torch.allclose(out.logps[:, 0], out.logps[:, 1])

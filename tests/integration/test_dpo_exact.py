@@ -24,9 +24,10 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 BETA = 0.3
 
 
-def hand_dpo(model_dir: str, policy_state: dict, batch: dict):
+def hand_dpo(model_dir: str, policy_state: dict, batch: dict, rpo_alpha: float = 0.0):
     """The policy starts from the recipe's initial weights (base + experts.init_noise, so policy != ref and the
-    loss is not just log 2); the reference is the base model."""
+    loss is not just log 2); the reference is the base model. rpo_alpha > 0 adds TRL's RPO term,
+    α · mean_i (−lp+_i / |y+_i|). Returns (loss, gradients, that NLL or None)."""
     policy = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # eval: no dropout, as the recipe
     policy.load_state_dict(policy_state)
     ref = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -36,27 +37,39 @@ def hand_dpo(model_dir: str, policy_state: dict, batch: dict):
         rp = hf_sequence_logps(ref, batch)
     logits = (lp[:B] - lp[B:]) - (rp[:B] - rp[B:])
     loss = -F.logsigmoid(BETA * logits).mean()
+    nll = None
+    if rpo_alpha:
+        nll = (-lp[:B] / (batch["labels"][:B] != -100).sum(1).float()).mean()
+        loss = loss + rpo_alpha * nll
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in policy.named_parameters()}
+    return loss.detach(), {n: p.grad for n, p in policy.named_parameters()}, nll
+
+
+def first_step(tiny_gpt2_dir, prefs_jsonl, out, **overrides):
+    """A K = 1 `models` run at its first batch: (trainer, its model, the initial weights, the batch, loss_terms
+    after backward). The caller cleans the trainer up."""
+    cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **{
+        "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA,
+        "train.max_steps": 1, "train.micro_batch_size": 4, "train.reference": "model", "train.export": False,
+        **overrides}))
+    trainer = MixDPOTrainer(cfg)
+    trainer.setup()
+    model = trainer.engine.module.models[0]
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batch = trainer._next_batch()
+    trainer.batch_in_epoch = 0  # a later train() starts from the same first batch
+    res = trainer.loss_terms(batch, step=0)
+    trainer.engine.backward(res.loss)
+    return trainer, model, initial, batch, res
 
 
 @pytest.mark.parametrize("correction", [0, 1])
 def test_k1_equals_hand_dpo(tiny_gpt2_dir, prefs_jsonl, tmp_path, correction):
     out = tmp_path / "k1"
-    cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **{
-        "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA,
-        "train.max_steps": 1, "train.micro_batch_size": 4, "em.posterior_correction": correction,
-        "train.reference": "model", "train.export": False}))
-    trainer = MixDPOTrainer(cfg)
-    trainer.setup()
+    trainer, model, initial, batch, res = first_step(tiny_gpt2_dir, prefs_jsonl, out,
+                                                     **{"em.posterior_correction": correction})
     try:
-        model = trainer.engine.module.models[0]
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        batch = trainer._next_batch()
-        trainer.batch_in_epoch = 0  # train() below starts from the same first batch
-        res = trainer.loss_terms(batch, step=0)
-        trainer.engine.backward(res.loss)
-        want_loss, want_grads = hand_dpo(tiny_gpt2_dir, initial, batch)
+        want_loss, want_grads, _ = hand_dpo(tiny_gpt2_dir, initial, batch)
         assert abs(want_loss.item() - 0.6931) > 1e-3  # a real comparison, not two copies of log 2
         torch.testing.assert_close(res.loss.detach(), want_loss, atol=1e-6, rtol=0)
         for name, p in model.named_parameters():
@@ -74,34 +87,13 @@ def test_k1_equals_hand_dpo(tiny_gpt2_dir, prefs_jsonl, tmp_path, correction):
 def test_k1_rpo_alpha_adds_the_chosen_nll(tiny_gpt2_dir, prefs_jsonl, tmp_path):
     """loss.rpo_alpha = 0.5, K = 1: loss = hand DPO + 0.5 · mean_i (−lp+_i / |y+_i|) (TRL's RPO), gradients included."""
     alpha = 0.5
-    cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, tmp_path / "rpo", **{
-        "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA,
-        "loss.rpo_alpha": alpha, "train.max_steps": 1, "train.micro_batch_size": 4, "train.reference": "model",
-        "train.export": False}))
-    trainer = MixDPOTrainer(cfg)
-    trainer.setup()
+    trainer, model, initial, batch, res = first_step(tiny_gpt2_dir, prefs_jsonl, tmp_path / "rpo",
+                                                     **{"loss.rpo_alpha": alpha})
     try:
-        model = trainer.engine.module.models[0]
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        batch = trainer._next_batch()
-        res = trainer.loss_terms(batch, step=0)
-        trainer.engine.backward(res.loss)
-
-        policy = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
-        policy.load_state_dict(initial)
-        ref = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
-        B = batch["index"].shape[0]
-        lp = hf_sequence_logps(policy, batch)
-        with torch.no_grad():
-            rp = hf_sequence_logps(ref, batch)
-        n_chosen = (batch["labels"][:B] != -100).sum(1).float()
-        dpo = -F.logsigmoid(BETA * ((lp[:B] - lp[B:]) - (rp[:B] - rp[B:]))).mean()
-        nll = (-lp[:B] / n_chosen).mean()
-        want = dpo + alpha * nll
-        want.backward()
-        torch.testing.assert_close(res.loss.detach(), want.detach(), atol=1e-6, rtol=0)
+        want_loss, want_grads, nll = hand_dpo(tiny_gpt2_dir, initial, batch, rpo_alpha=alpha)
+        torch.testing.assert_close(res.loss.detach(), want_loss, atol=1e-6, rtol=0)
         assert abs(res.metrics["rpo_nll"].item() - nll.item()) < 1e-5
         for name, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, dict(policy.named_parameters())[name].grad, atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(p.grad, want_grads[name], atol=1e-6, rtol=0, msg=name)
     finally:
         trainer.cleanup()

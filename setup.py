@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     # kernels/, configs/ and ds_configs/ sit at the top level of the repository (STYLE.md's layout) and are
     # installed inside the package, so a non-editable install finds `deepspeed.config=zero2` and the run YAMLs.
-    packages=["mixdpo_ds", "mixdpo_ds.kernels", "mixdpo_ds.datasets", "mixdpo_ds.configs", "mixdpo_ds.ds_configs"],
+    packages=["mixdpo_ds", "mixdpo_ds.core", "mixdpo_ds.model", "mixdpo_ds.training", "mixdpo_ds.apps",
+              "mixdpo_ds.apps.datasets", "mixdpo_ds.kernels", "mixdpo_ds.configs", "mixdpo_ds.ds_configs"],
     package_dir={"mixdpo_ds": "mixdpo_ds", "mixdpo_ds.kernels": "kernels", "mixdpo_ds.configs": "configs",
                  "mixdpo_ds.ds_configs": "ds_configs"},
     package_data={"mixdpo_ds.configs": ["*.yaml"], "mixdpo_ds.ds_configs": ["*.json"]},

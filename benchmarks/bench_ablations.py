@@ -8,7 +8,7 @@
                                                                     #   learnable / learnable from scratch
     python benchmarks/bench_ablations.py --ablation all --seeds 2 --steps 250
 
-Each variant trains on the same data and SFT base as the demo (`mixdpo_ds.demo` pieces, one CPU thread, one
+Each variant trains on the same data and SFT base as the demo (`mixdpo_ds.apps.demo` pieces, one CPU thread, one
 process) and is evaluated on held-out pairs: mixture accuracy, the group-matched expert's accuracy ("routed"),
 best-permutation recovery of argmax q, gate routing accuracy (MoE). The baseline row of every table is DPO (K=1)
 measured in the same run. The table is appended to benchmarks/RESULTS.md with machine, commit, date and command
@@ -27,11 +27,11 @@ import time
 
 import torch
 
-from mixdpo_ds.datasets.reviews import ReviewsConfig, read_jsonl, write_task
-from mixdpo_ds.datasets.tokenizer import build_review_tokenizer
-from mixdpo_ds.demo import DemoConfig, _quiet, held_out_metrics, train_and_evaluate
-from mixdpo_ds.report import fmt
-from mixdpo_ds.sft import SFTConfig, build_tiny_base
+from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_task
+from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
+from mixdpo_ds.apps.demo import DemoConfig, _quiet, held_out_metrics, train_and_evaluate
+from mixdpo_ds.apps.report import fmt
+from mixdpo_ds.apps.sft import SFTConfig, build_tiny_base
 
 PRETRAIN = {"pretrain_steps": 1000, "pretrain_label_column": "group"}  # the demo's gate_pretrain_steps
 # name -> list of (variant, task, K, gate kind, run-config overrides)

@@ -33,10 +33,10 @@ def worker(out: str, model: str, overrides: list[str]) -> None:
     """Runs under the launcher: train, then rank 0 writes {tokens_per_s, head bytes, peak RSS per rank}."""
     import torch
 
-    from mixdpo_ds import distributed as mdist
-    from mixdpo_ds.config import load_config
-    from mixdpo_ds.parallel import head_param_bytes
-    from mixdpo_ds.trainer import MixDPOTrainer
+    from mixdpo_ds.model.parallel import head_param_bytes
+    from mixdpo_ds.training import distributed as mdist
+    from mixdpo_ds.training.config import load_config
+    from mixdpo_ds.training.trainer import MixDPOTrainer
 
     torch.set_num_threads(1)
     mdist.init_distributed()
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--append", default=None, help="append the markdown section to this file")
     args = p.parse_args(argv)
 
-    from mixdpo_ds.tiny import build_tiny_model, build_tiny_tokenizer
+    from mixdpo_ds.apps.tiny import build_tiny_model, build_tiny_tokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -85,7 +85,7 @@ def expert_logprobs(
 
 
 def mbt_loss(*args, impl: str = "naive", **kwargs):
-    """`mixdpo_ds.losses.mixdpo_loss` (same arguments, same `MixDPOOutput`), with impl="triton" for the fused
+    """`mixdpo_ds.core.losses.mixdpo_loss` (same arguments, same `MixDPOOutput`), with impl="triton" for the fused
     forward+backward of `kernels/mbt_loss.py`. "chunked" and "naive" are the PyTorch version (it is O(B·K))."""
     if _check_impl(impl) == "triton":
         return triton_module("mbt_loss").mbt_loss_triton(*args, **kwargs)

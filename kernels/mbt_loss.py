@@ -1,7 +1,7 @@
 """Triton MBT loss: all of SPEC §1 for one batch, forward and backward, in one kernel launch over (B, 2, K).
 
 Paper: "Mix- and MoE-DPO: A Variational Inference Approach to DPO" (shared/paper); the PyTorch twin and the
-formula docstrings are `mixdpo_ds.losses` (same signature, same `MixDPOOutput`). Per pair i and expert k:
+formula docstrings are `mixdpo_ds.core.losses` (same signature, same `MixDPOOutput`). Per pair i and expert k:
 
     h± = β (lp± − rp±),  Δ = h+ − h−,  ΔR = LSE_k(log w + h+) − LSE_k(log w + h−)             (eq. 10, 2)
     m = Δ + c·sg(Δ − ΔR),  log σ = logsigmoid(m),  ℓ_ε = (1 − ε) logsigmoid(m) + ε logsigmoid(−m)   (eq. 7, 4)
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mixdpo_ds.gumbel import GumbelConfig, sample_gumbel
-from mixdpo_ds.losses import EStepWeights, MixDPOOutput, _metrics, e_step_temperature
+from mixdpo_ds.core.gumbel import GumbelConfig, sample_gumbel
+from mixdpo_ds.core.losses import EStepWeights, MixDPOOutput, _metrics, e_step_temperature
 
 POISON = False  # tests: outputs start as NaN, so an unwritten element shows
 
@@ -221,7 +221,7 @@ def mbt_loss_triton(
     policy_logps, ref_logps, log_w, beta, posterior_correction=1, label_smoothing=0.0, estep=None,
     lambda_global=0.0, resp=None, mode="exact", gumbel=None, noise=None, generator=None, tau=None,
 ) -> MixDPOOutput:
-    """`mixdpo_ds.losses.mixdpo_loss` by one Triton kernel; same arguments, same `MixDPOOutput` (fp32 tables)."""
+    """`mixdpo_ds.core.losses.mixdpo_loss` by one Triton kernel; same arguments, same `MixDPOOutput` (fp32 tables)."""
     if posterior_correction not in (0, 1):
         raise ValueError(f"em.posterior_correction must be one of [0, 1], got {posterior_correction!r}")
     if mode not in ("exact", "gumbel"):

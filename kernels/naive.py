@@ -2,7 +2,7 @@
 
 `expert_logprobs_naive` materialises the full (N, K, V) logits; it is the reference every other
 implementation is compared with (run in fp64 by the tests) and the baseline of the benchmark.
-`mbt_loss_naive` is `mixdpo_ds.losses.mixdpo_loss` itself (SPEC §1 lives there).
+`mbt_loss_naive` is `mixdpo_ds.core.losses.mixdpo_loss` itself (SPEC §1 lives there).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def expert_logprobs_naive(
 
 
 def mbt_loss_naive(*args, **kwargs):
-    """`mixdpo_ds.losses.mixdpo_loss` (plain autograd); same signature and return type."""
-    from mixdpo_ds.losses import mixdpo_loss
+    """`mixdpo_ds.core.losses.mixdpo_loss` (plain autograd); same signature and return type."""
+    from mixdpo_ds.core.losses import mixdpo_loss
 
     return mixdpo_loss(*args, **kwargs)

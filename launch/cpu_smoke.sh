@@ -17,7 +17,7 @@ MASTER_PORT=${MASTER_PORT:-29561}
 export OMP_NUM_THREADS=1
 python - "$WORK/tiny" <<'PY'
 import sys
-from mixdpo_ds.tiny import build_tiny_model, build_tiny_tokenizer
+from mixdpo_ds.apps.tiny import build_tiny_model, build_tiny_tokenizer
 build_tiny_model(sys.argv[1], build_tiny_tokenizer(sys.argv[1]))
 PY
 deepspeed --num_accelerators 2 --master_port "$MASTER_PORT" --no_local_rank \

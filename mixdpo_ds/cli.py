@@ -14,8 +14,8 @@ import sys
 
 
 def _train(args) -> int:
-    from mixdpo_ds.config import load_config
-    from mixdpo_ds.trainer import MixDPOTrainer
+    from mixdpo_ds.training.config import load_config
+    from mixdpo_ds.training.trainer import MixDPOTrainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = MixDPOTrainer(cfg)
@@ -28,7 +28,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from mixdpo_ds.evaluate import evaluate_run
+    from mixdpo_ds.training.evaluate import evaluate_run
 
     summary = evaluate_run(args.run, args.data, args.out, group_column=args.group_column,
                            batch_size=args.batch_size, overrides=args.overrides)
@@ -39,7 +39,7 @@ def _evaluate(args) -> int:
 def _generate(args) -> int:
     import json
 
-    from mixdpo_ds.generate import generate
+    from mixdpo_ds.training.generate import generate
 
     result = generate(args.run, args.prompt, expert=args.expert, route=args.route,
                       max_new_tokens=args.max_new_tokens, user=args.user, seed=args.seed, greedy=args.greedy)
@@ -48,7 +48,7 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    from mixdpo_ds.demo import main as demo_main  # lazy: written by another module, heavy imports
+    from mixdpo_ds.apps.demo import main as demo_main  # lazy: written by another module, heavy imports
 
     return demo_main(args.demo_args) or 0
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="greedy decoding from the chosen expert")
     g.set_defaults(func=_generate)
 
-    d = sub.add_parser("demo", help="the embedded default run (mixdpo_ds.demo)",
+    d = sub.add_parser("demo", help="the embedded default run (mixdpo_ds.apps.demo)",
                        add_help=False)  # `mixdpo demo --help` shows the demo's own options
     d.add_argument("demo_args", nargs=argparse.REMAINDER)
     d.set_defaults(func=_demo)

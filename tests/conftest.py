@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny local tokenizer and a tiny GPT-2 directory (session-scoped, built once).
 
 `tiny_tokenizer`: byte-level BPE `PreTrainedTokenizerFast` loaded with `AutoTokenizer.from_pretrained`;
-pad `<pad>` (0), eos/bos `<eos>` (1), unk `<unk>` (2), and a chat template (see `mixdpo_ds.tiny`).
+pad `<pad>` (0), eos/bos `<eos>` (1), unk `<unk>` (2), and a chat template (see `mixdpo_ds.apps.tiny`).
 `tiny_gpt2_dir`: a directory with a seeded 2-layer GPT-2 (n_embd 32, n_head 2, n_positions 128) and the
 tokenizer, loadable with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
 """
@@ -15,7 +15,7 @@ import torch
 # before any test module is collected: on a CPU-only machine the kernels run under the interpreter (SPEC §3).
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-from mixdpo_ds.tiny import build_tiny_model, build_tiny_tokenizer
+from mixdpo_ds.apps.tiny import build_tiny_model, build_tiny_tokenizer
 
 TEST_DATA = Path(__file__).parent / "data"
 

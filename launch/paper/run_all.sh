@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The paper's experiments (§4, App. H) end to end on a GPU machine with internet (hub datasets and reward models).
-# Every stage is `python -m mixdpo_ds.paper <stage>` or `mixdpo train`; see README.md for what each does.
+# Every stage is `python -m mixdpo_ds.apps.paper <stage>` or `mixdpo train`; see README.md for what each does.
 # Usage: bash launch/paper/run_all.sh            (env: N_TRAIN, N_TEST, SFT_STEPS, NGPU)
 set -euo pipefail
 N_TRAIN=${N_TRAIN:-25000}; N_TEST=${N_TEST:-10000}; SFT_STEPS=${SFT_STEPS:-4000}; NGPU=${NGPU:-1}
-D=data/paper; R=runs/paper; P="python -m mixdpo_ds.paper"
+D=data/paper; R=runs/paper; P="python -m mixdpo_ds.apps.paper"
 mkdir -p $D $R
 SENT=${SENT:-hf:text-classification:lvwerra/distilbert-imdb:POSITIVE}
 INFO=${INFO:-local:informativeness}   # swap in a hub informativeness reward model: hf:TASK:MODEL:LABEL

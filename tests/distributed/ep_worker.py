@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixdpo_ds import distributed as mdist
+from mixdpo_ds.training import distributed as mdist
 
 V, H, K = 24, 8, 4
 SEQS = 8  # global batch: 8 sequences
@@ -82,7 +82,7 @@ class TinyModel(nn.Module):
         heads = torch.randn(K, V, H, generator=g) * 0.5
         self.register_buffer("log_w", torch.log_softmax(torch.arange(K, dtype=torch.float32) / K, 0))
         if ep_size:
-            from mixdpo_ds.parallel import ExpertParallelHeads
+            from mixdpo_ds.model.parallel import ExpertParallelHeads
 
             self.heads = ExpertParallelHeads.from_dense(heads, ep_size, logprob_impl="naive")
         else:
@@ -127,7 +127,7 @@ def dense_reference(steps: int = 2, momentum: float = 0.9):
 def _engine(model, stage: int, micro: int):
     import deepspeed
 
-    from mixdpo_ds.parallel import moe_param_groups
+    from mixdpo_ds.model.parallel import moe_param_groups
 
     groups = moe_param_groups([{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}])
     opt = torch.optim.SGD(groups, lr=LR, momentum=0.9)
@@ -187,7 +187,7 @@ def run_ep_checks(rank: int, world: int, ep_size: int, stages: list[int], out_di
         assert loss2_resumed == loss2 and resume_diff == 0.0, (loss2_resumed, loss2, resume_diff)
         results["stages"][stage] = {"max_diff_step1": diffs[0], "max_diff_step2": diffs[1], "loss1": loss1}
 
-    from mixdpo_ds.parallel import head_param_bytes
+    from mixdpo_ds.model.parallel import head_param_bytes
 
     ep_bytes = head_param_bytes(TinyModel(ep_size=ep_size).heads)
     dense_bytes = K * V * H * 4

@@ -1,10 +1,10 @@
-"""mixdpo_ds.distributed: sharding (no processes) and the global-batch reductions on 2 gloo ranks."""
+"""mixdpo_ds.training.distributed: sharding (no processes) and the global-batch reductions on 2 gloo ranks."""
 import pytest
 import torch
 from ep_worker import spawn_workers
 
-from mixdpo_ds import distributed as mdist
-from mixdpo_ds.metrics import MetricAccumulator
+from mixdpo_ds.training import distributed as mdist
+from mixdpo_ds.training.metrics import MetricAccumulator
 
 pytestmark = pytest.mark.distributed
 
@@ -65,7 +65,7 @@ def test_init_distributed_maps_slurm_variables():
         port = s.getsockname()[1]
     env = {**clean_env(), "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    code = ("import os; from mixdpo_ds import distributed as d; d.init_distributed(); "
+    code = ("import os; from mixdpo_ds.training import distributed as d; d.init_distributed(); "
             "print('RESULT', d.rank(), d.world_size(), os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "RESULT 0 1 0 1" in out.stdout, out.stdout + out.stderr[-3000:]

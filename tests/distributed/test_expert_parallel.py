@@ -10,7 +10,7 @@ import pytest
 import torch
 from ep_worker import H, K, V, run_ep_checks, spawn_workers
 
-from mixdpo_ds.parallel import ExpertParallelHeads, check_expert_parallel
+from mixdpo_ds.model.parallel import ExpertParallelHeads, check_expert_parallel
 
 pytestmark = pytest.mark.distributed
 
@@ -43,7 +43,7 @@ def test_ep1_equals_dense_logprobs():
     """ep_size=1 (no communication): the table equals a hand-written per-row sum of log_softmax gathers.
 
     Two sequences: tokens 0,1 -> seq 0, token 2 -> seq 1 (target -100 contributes 0)."""
-    from mixdpo_ds import distributed as mdist
+    from mixdpo_ds.training import distributed as mdist
 
     mdist.init_distributed()
     g = torch.Generator().manual_seed(0)
@@ -62,8 +62,8 @@ def test_zero3_with_expert_parallel_is_a_clear_error():
     """The trainer keeps an HfDeepSpeedConfig alive for ZeRO-3; building EP heads under it must refuse."""
     from transformers.integrations import HfDeepSpeedConfig
 
-    from mixdpo_ds.experts import ExpertsConfig
-    from mixdpo_ds.parallel import build_expert_parallel_heads
+    from mixdpo_ds.model.experts import ExpertsConfig
+    from mixdpo_ds.model.parallel import build_expert_parallel_heads
 
     ds = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     cfg = ExpertsConfig(num_experts=4, ep_size=2)

@@ -22,7 +22,7 @@ MODEL_KEYS = ("input_ids", "attention_mask", "labels", "prompt_last_index")
 
 def final_logps(trainer) -> torch.Tensor:
     """(2B, K) engine log-probs of the first 2·world training pairs (each rank its shard), gathered."""
-    from mixdpo_ds import distributed as mdist
+    from mixdpo_ds.training import distributed as mdist
 
     world, rank = mdist.world_size(), mdist.rank()
     examples = mdist.shard(trainer.data.train[: 2 * world], rank, world)
@@ -43,7 +43,7 @@ def export_max_diff(trainer, export_dir: Path) -> float:
     Σ over response positions t of log_softmax(logits[t-1])[y_t] (labels != -100)."""
     from transformers import AutoModelForCausalLM
 
-    from mixdpo_ds import distributed as mdist
+    from mixdpo_ds.training import distributed as mdist
 
     world, rank = mdist.world_size(), mdist.rank()
     batch = trainer._collate(mdist.shard(trainer.data.train[: 2 * world], rank, world))
@@ -63,10 +63,10 @@ def export_max_diff(trainer, export_dir: Path) -> float:
 
 
 def run(out: Path, model: str, name: str, overrides: list[str]) -> None:
-    from mixdpo_ds import distributed as mdist
-    from mixdpo_ds.config import load_config
-    from mixdpo_ds.parallel import head_param_bytes
-    from mixdpo_ds.trainer import MixDPOTrainer
+    from mixdpo_ds.model.parallel import head_param_bytes
+    from mixdpo_ds.training import distributed as mdist
+    from mixdpo_ds.training.config import load_config
+    from mixdpo_ds.training.trainer import MixDPOTrainer
 
     run_dir = out / name
     cfg = load_config(ROOT / "configs" / "tiny.yaml",
@@ -87,7 +87,7 @@ def run(out: Path, model: str, name: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from mixdpo_ds import distributed as mdist
+    from mixdpo_ds.training import distributed as mdist
 
     torch.set_num_threads(1)
     mdist.init_distributed()

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from mixdpo_ds.config import load_config
-from mixdpo_ds.trainer import MixDPOTrainer
+from mixdpo_ds.training.config import load_config
+from mixdpo_ds.training.trainer import MixDPOTrainer
 
 from .conftest import base_overrides, read_rows, train_rows
 from .test_train import hf_sequence_logps

@@ -1,4 +1,4 @@
-"""Every stage of the paper recipe (mixdpo_ds.paper, launch/paper/README.md) on tiny local stand-ins: a tiny GPT-2
+"""Every stage of the paper recipe (mixdpo_ds.apps.paper, launch/paper/README.md) on tiny local stand-ins: a tiny GPT-2
 over the review vocabulary instead of GPT-2, a dozen local review rows instead of IMDb / Amazon books, the local
 annotator rules and a tiny local Hugging Face text-classification model instead of hub reward models."""
 import json
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from mixdpo_ds import paper
-from mixdpo_ds.datasets.reviews import ReviewsConfig, generate, read_jsonl, write_jsonl
-from mixdpo_ds.datasets.tokenizer import build_review_tokenizer
-from mixdpo_ds.tiny import build_tiny_model
+from mixdpo_ds.apps import paper
+from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, generate, read_jsonl, write_jsonl
+from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
+from mixdpo_ds.apps.tiny import build_tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mixdpo_ds.config import load_config
-from mixdpo_ds.trainer import MixDPOTrainer
+from mixdpo_ds.training.config import load_config
+from mixdpo_ds.training.trainer import MixDPOTrainer
 
 from .conftest import base_overrides, read_rows, train, train_rows
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mixdpo_ds import cli
-from mixdpo_ds.config import load_config
-from mixdpo_ds.data import collate, load_preference_data
-from mixdpo_ds.experts import build_policy
-from mixdpo_ds.trainer import MODEL_KEYS
+from mixdpo_ds.model.experts import build_policy
+from mixdpo_ds.training.config import load_config
+from mixdpo_ds.training.data import collate, load_preference_data
+from mixdpo_ds.training.trainer import MODEL_KEYS
 
 from .conftest import read_rows, train, train_rows
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixdpo_ds.config import load_config
-from mixdpo_ds.trainer import MODEL_KEYS, MixDPOTrainer
+from mixdpo_ds.training.config import load_config
+from mixdpo_ds.training.trainer import MODEL_KEYS, MixDPOTrainer
 
 from .conftest import base_overrides
 

@@ -1,4 +1,4 @@
-"""Triton mbt_loss against mixdpo_ds.losses.mixdpo_loss in fp64: every output table, the losses and the gradients
+"""Triton mbt_loss against mixdpo_ds.core.losses.mixdpo_loss in fp64: every output table, the losses and the gradients
 to policy log-probs, reference log-probs and gate logits, for the exact and Gumbel E-steps and their options."""
 import math
 
@@ -7,7 +7,7 @@ import torch
 from kernel_reference import kernel_device
 from mixdpo_ds.kernels import mbt_loss, triton_module
 
-from mixdpo_ds.losses import EStepWeights, GumbelConfig
+from mixdpo_ds.core.losses import EStepWeights, GumbelConfig
 
 pytestmark = pytest.mark.kernels
 
@@ -91,10 +91,10 @@ def test_mbt_loss_triton_hand_computed_k1_is_dpo():
 
 
 def test_mbt_loss_triton_has_the_signature_of_mixdpo_loss():
-    """Same parameter names, order and defaults as mixdpo_ds.losses.mixdpo_loss, so a change there shows here."""
+    """Same parameter names, order and defaults as mixdpo_ds.core.losses.mixdpo_loss, so a change there shows here."""
     import inspect
 
-    from mixdpo_ds.losses import mixdpo_loss
+    from mixdpo_ds.core.losses import mixdpo_loss
 
     def params(fn):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]

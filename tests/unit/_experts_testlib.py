@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mixdpo_ds.data import collate
+from mixdpo_ds.training.data import collate
 
 PAD_ID = 0
 

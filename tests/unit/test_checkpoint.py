@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixdpo_ds import checkpoint as ckpt
+from mixdpo_ds.training import checkpoint as ckpt
 
 
 class FakeEngine:

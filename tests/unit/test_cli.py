@@ -20,7 +20,7 @@ def test_generate_options_are_exclusive():
 
 
 def test_demo_dispatches_lazily(monkeypatch):
-    import mixdpo_ds.demo as demo
+    import mixdpo_ds.apps.demo as demo
 
     seen = []
     monkeypatch.setattr(demo, "main", lambda argv: seen.append(argv) or 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixdpo_ds.config import SECTIONS, RunConfig, TrainConfig, load_config, parse_overrides
+from mixdpo_ds.training.config import SECTIONS, RunConfig, TrainConfig, load_config, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

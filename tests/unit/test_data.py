@@ -1,11 +1,11 @@
-"""mixdpo_ds.data: sources and formats, bad rows, HH-RLHF transcripts, splits, vocabularies, fingerprint."""
+"""mixdpo_ds.training.data: sources and formats, bad rows, HH-RLHF transcripts, splits, vocabularies, fingerprint."""
 import gzip
 import json
 
 import pandas as pd
 import pytest
 
-from mixdpo_ds.data import DataConfig, load_preference_data
+from mixdpo_ds.training.data import DataConfig, load_preference_data
 
 HH_SAMPLE = "hh_rlhf_relabeled_sample.jsonl"
 
@@ -145,7 +145,7 @@ def test_chunked_tokenisation_matches_one_chunk(tmp_path, tiny_tokenizer, monkey
     rows[4] = {**rows[4], "chosen": ""}
     path = write(tmp_path / "d.jsonl", rows)
     whole = load(tiny_tokenizer, path, on_bad_row="skip")
-    monkeypatch.setattr("mixdpo_ds.data._CHUNK", 3)  # chunks [0..2], [3..5], [6, 7]
+    monkeypatch.setattr("mixdpo_ds.training.data._CHUNK", 3)  # chunks [0..2], [3..5], [6, 7]
     assert load(tiny_tokenizer, path, on_bad_row="skip") == whole
     assert [e["index"] for e in whole.train] == [0, 1, 2, 3, 5, 6, 7] and whole.skipped == {"empty_response": 1}
 

@@ -1,10 +1,10 @@
-"""mixdpo_ds.data_rows (one row → texts → truncated ids) and chat-message columns through the loader."""
+"""mixdpo_ds.training.data_rows (one row → texts → truncated ids) and chat-message columns through the loader."""
 import json
 
 import pytest
 
-from mixdpo_ds.data import DataConfig, load_preference_data
-from mixdpo_ds.data_rows import BadRow, render_chat, split_transcripts, truncate_pair
+from mixdpo_ds.training.data import DataConfig, load_preference_data
+from mixdpo_ds.training.data_rows import BadRow, render_chat, split_transcripts, truncate_pair
 
 A = "\n\nAssistant:"
 

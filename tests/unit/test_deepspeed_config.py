@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixdpo_ds.deepspeed_config import BATCH_KEYS, build_deepspeed_config, resolve_engine_path
+from mixdpo_ds.training.deepspeed_config import BATCH_KEYS, build_deepspeed_config, resolve_engine_path
 
 DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 SHIPPED = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
@@ -67,7 +67,7 @@ def test_unknown_engine_config_lists_available():
 def test_lr_lambda_hand_values():
     """warm-up 2 of 10 steps: s=0 → 1/3, s=1 → 2/3; linear: s=2 → 1, s=6 → 1 − 4/8 = 0.5, s=10 → 0;
     cosine at s=6: 0.5 (1 + cos(π/2)) = 0.5; constant stays 1."""
-    from mixdpo_ds.deepspeed_config import lr_lambda
+    from mixdpo_ds.training.deepspeed_config import lr_lambda
 
     lin, cos, const = (lr_lambda(2, 10, s) for s in ("linear", "cosine", "constant"))
     assert [lin(0), lin(1), lin(2), lin(6), lin(10)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5, 0.0])

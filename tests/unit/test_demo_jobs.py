@@ -1,4 +1,4 @@
-"""`mixdpo_ds.demo.run_all`: the per-seed job graph (prepare → one job per run → finish) and its arguments.
+"""`mixdpo_ds.apps.demo.run_all`: the per-seed job graph (prepare → one job per run → finish) and its arguments.
 
 The jobs are replaced by fakes that record their calls, so this checks the scheduling on the inline executor
 (workers=1); the real jobs on 2 spawned workers run in tests/integration/test_demo.py."""
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixdpo_ds import demo
+from mixdpo_ds.apps import demo
 
 
 def test_run_all_runs_every_seeds_graph_in_dependency_order(monkeypatch, tmp_path):

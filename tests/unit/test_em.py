@@ -1,13 +1,13 @@
-"""Tests of mixdpo_ds.em: the regularised E-step against Lemma 6, phases, τ schedule, configs, warm-up."""
+"""Tests of mixdpo_ds.core.em: the regularised E-step against Lemma 6, phases, τ schedule, configs, warm-up."""
 
 import math
 
 import pytest
 import torch
 
-from mixdpo_ds.em import EMConfig, Phase, PhaseSchedule, random_responsibilities, tau_at
-from mixdpo_ds.gumbel import GumbelConfig
-from mixdpo_ds.losses import EStepWeights, e_step
+from mixdpo_ds.core.em import EMConfig, Phase, PhaseSchedule, random_responsibilities, tau_at
+from mixdpo_ds.core.gumbel import GumbelConfig
+from mixdpo_ds.core.losses import EStepWeights, e_step
 
 torch.set_num_threads(1)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixdpo_ds.evaluate import best_matching, recovery_accuracy, summarize
+from mixdpo_ds.training.evaluate import best_matching, recovery_accuracy, summarize
 
 
 def test_best_matching_hand_example():

@@ -1,4 +1,4 @@
-"""MixturePolicy (mixdpo_ds.experts): the three expert kinds, sequence log-probs, params, expert export."""
+"""MixturePolicy (mixdpo_ds.model.experts): the three expert kinds, sequence log-probs, params, expert export."""
 import math
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from _experts_testlib import hf_sequence_logps, make_batch, make_examples, policy_logps
 from transformers import AutoModelForCausalLM
 
-from mixdpo_ds.data import collate
-from mixdpo_ds.experts import ExpertsConfig, build_policy, sequence_logps
+from mixdpo_ds.model.experts import ExpertsConfig, build_policy, sequence_logps
+from mixdpo_ds.training.data import collate
 
 KINDS = ["heads", "models", "lora"]
 
@@ -202,7 +202,7 @@ def test_default_init_noise_breaks_symmetry_only_when_k_above_one():
 
 
 def test_models_from_init_paths(tiny_gpt2_dir, tmp_path, tiny_tokenizer):
-    from mixdpo_ds.tiny import build_tiny_model
+    from mixdpo_ds.apps.tiny import build_tiny_model
 
     other = build_tiny_model(str(tmp_path / "other"), tiny_tokenizer, seed=1)
     policy = _policy(tiny_gpt2_dir, "models", k=2, init_paths=[tiny_gpt2_dir, other])

@@ -1,4 +1,4 @@
-"""Export (mixdpo_ds.export): each expert reloads with from_pretrained and gives the trainer's log-probs."""
+"""Export (mixdpo_ds.training.export): each expert reloads with from_pretrained and gives the trainer's log-probs."""
 import os
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from _experts_testlib import hf_sequence_logps, make_batch, policy_logps
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixdpo_ds.experts import ExpertsConfig, build_policy
-from mixdpo_ds.export import export_experts, load_compact, load_expert, load_experts, load_export_gate
-from mixdpo_ds.gating import GateConfig, build_gate
+from mixdpo_ds.model.experts import ExpertsConfig, build_policy
+from mixdpo_ds.model.gating import GateConfig, build_gate
+from mixdpo_ds.training.export import export_experts, load_compact, load_expert, load_experts, load_export_gate
 
 
 def _trained_like(policy):

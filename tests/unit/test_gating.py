@@ -1,10 +1,10 @@
-"""Gates (mixdpo_ds.gating): shapes, the Mix-DPO closed-form update, user features, pre-training, save/load."""
+"""Gates (mixdpo_ds.model.gating): shapes, the Mix-DPO closed-form update, user features, pre-training, save/load."""
 import math
 
 import pytest
 import torch
 
-from mixdpo_ds.gating import GateConfig, MixGate, MoEGate, build_gate, load_gate, pretrain_gate, save_gate
+from mixdpo_ds.model.gating import GateConfig, MixGate, MoEGate, build_gate, load_gate, pretrain_gate, save_gate
 
 
 @pytest.mark.parametrize("bad, key", [

@@ -1,4 +1,4 @@
-"""Tests of the Monte Carlo (Gumbel-softmax) relaxation, mixdpo_ds.gumbel and mixdpo_loss(mode="gumbel")."""
+"""Tests of the Monte Carlo (Gumbel-softmax) relaxation, mixdpo_ds.core.gumbel and mixdpo_loss(mode="gumbel")."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixdpo_ds.gumbel import GumbelConfig, gumbel_mc_loss, gumbel_softmax_samples, sample_gumbel
-from mixdpo_ds.losses import dpo_loss, mixdpo_loss, policy_loss
+from mixdpo_ds.core.gumbel import GumbelConfig, gumbel_mc_loss, gumbel_softmax_samples, sample_gumbel
+from mixdpo_ds.core.losses import dpo_loss, mixdpo_loss, policy_loss
 
 torch.set_num_threads(1)
 

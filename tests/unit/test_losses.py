@@ -1,4 +1,4 @@
-"""Hand-computed tests of every SPEC §1 formula in mixdpo_ds.losses (exact E-step path)."""
+"""Hand-computed tests of every SPEC §1 formula in mixdpo_ds.core.losses (exact E-step path)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixdpo_ds.losses import (
+from mixdpo_ds.core.losses import (
     EStepWeights,
     chosen_nll,
     corrected_margins,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics, read_metrics
+from mixdpo_ds.training.metrics import MetricAccumulator, MetricsLogger, plot_metrics, read_metrics
 
 
 def test_accumulator_means_and_reset():

@@ -1,4 +1,4 @@
-"""Frozen reference (mixdpo_ds.reference): log-probs, per-expert references, the precomputed cache."""
+"""Frozen reference (mixdpo_ds.model.reference): log-probs, per-expert references, the precomputed cache."""
 import os
 
 import pytest
@@ -6,20 +6,20 @@ import torch
 from _experts_testlib import PAD_ID, hf_sequence_logps, make_batch, make_examples
 from transformers import AutoModelForCausalLM
 
-from mixdpo_ds.data import collate
-from mixdpo_ds.experts import ExpertsConfig, build_policy
-from mixdpo_ds.reference import (
+from mixdpo_ds.model.experts import ExpertsConfig, build_policy
+from mixdpo_ds.model.reference import (
     FrozenReference,
     PolicyReference,
     cache_path,
     precompute_reference_logps,
     reference_cache_key,
 )
+from mixdpo_ds.training.data import collate
 
 
 @pytest.fixture(scope="module")
 def other_dir(tmp_path_factory, tiny_tokenizer):
-    from mixdpo_ds.tiny import build_tiny_model
+    from mixdpo_ds.apps.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("other_gpt2")), tiny_tokenizer, seed=1)
 

@@ -1,11 +1,11 @@
-"""The demo report (mixdpo_ds.report): mean ± sd, expert alignment across seeds, acceptance checks, PNG figures;
-and the SFT helpers (mixdpo_ds.sft) on a tiny model."""
+"""The demo report (mixdpo_ds.apps.report): mean ± sd, expert alignment across seeds, acceptance checks, PNG figures;
+and the SFT helpers (mixdpo_ds.apps.sft) on a tiny model."""
 import math
 
 import numpy as np
 import pytest
 
-from mixdpo_ds import report
+from mixdpo_ds.apps import report
 
 MULTI = ["sentiment", "informativeness", "grammar"]
 CTX = ["movie", "book"]
@@ -120,7 +120,7 @@ def test_gate_confusion_aligns_experts(tmp_path):
 def test_collate_lm_masks_prompt_and_padding():
     """ids [5, 6, 7] with 1 prompt token, T = 4 (the other row has 4 tokens): labels [-100, 6, 7, -100] with
     response_only, [5, 6, 7, -100] without."""
-    from mixdpo_ds.sft import collate_lm
+    from mixdpo_ds.apps.sft import collate_lm
 
     batch = collate_lm([([5, 6, 7], 1), ([1, 2, 3, 4], 2)], pad_id=0, response_only=True)
     assert batch["labels"][0].tolist() == [-100, 6, 7, -100]
@@ -131,10 +131,10 @@ def test_collate_lm_masks_prompt_and_padding():
 def test_sft_lowers_the_loss_and_sampling_uses_the_vocabulary(tmp_path):
     import torch
 
-    from mixdpo_ds.datasets import vocab
-    from mixdpo_ds.datasets.reviews import ReviewsConfig, generate
-    from mixdpo_ds.datasets.tokenizer import build_review_tokenizer
-    from mixdpo_ds.sft import SFTConfig, build_tiny_base, sample_responses
+    from mixdpo_ds.apps.datasets import vocab
+    from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, generate
+    from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
+    from mixdpo_ds.apps.sft import SFTConfig, build_tiny_base, sample_responses
 
     torch.set_num_threads(1)
     tok = build_review_tokenizer(str(tmp_path / "tok"))

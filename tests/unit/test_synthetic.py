@@ -1,12 +1,12 @@
-"""Synthetic review data (mixdpo_ds.datasets): annotator rules, generator, Bayes ceilings — by hand."""
+"""Synthetic review data (mixdpo_ds.apps.datasets): annotator rules, generator, Bayes ceilings — by hand."""
 import json
 
 import numpy as np
 import pytest
 
-from mixdpo_ds.datasets import vocab
-from mixdpo_ds.datasets.annotators import ANNOTATORS, grammar, grammar_errors, informativeness, sentiment
-from mixdpo_ds.datasets.ceilings import (
+from mixdpo_ds.apps.datasets import vocab
+from mixdpo_ds.apps.datasets.annotators import ANNOTATORS, grammar, grammar_errors, informativeness, sentiment
+from mixdpo_ds.apps.datasets.ceilings import (
     bayes_ceilings,
     best_single_reward,
     decision_accuracy,
@@ -14,7 +14,7 @@ from mixdpo_ds.datasets.ceilings import (
     reward_margins,
     simplex_grid,
 )
-from mixdpo_ds.datasets.reviews import ReviewsConfig, bt_probability, corpus_texts, generate, write_task
+from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, bt_probability, corpus_texts, generate, write_task
 
 
 def test_sentiment_is_vader_compound_rescaled():

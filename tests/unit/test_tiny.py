@@ -1,8 +1,8 @@
-"""mixdpo_ds.tiny: the local tokenizer and GPT-2 builders behind the shared fixtures."""
+"""mixdpo_ds.apps.tiny: the local tokenizer and GPT-2 builders behind the shared fixtures."""
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixdpo_ds.tiny import build_tiny_model
+from mixdpo_ds.apps.tiny import build_tiny_model
 
 
 def test_tiny_tokenizer_round_trips_and_has_distinct_special_tokens(tiny_tokenizer):

@@ -5,9 +5,9 @@ fine-tuned on IMDb, §4.1) and the demo's warm-up of a tiny GPT-2 built from a c
 for the paper's GPT-2 (124M) on IMDb one GPU is plenty, so DeepSpeed is not needed here.
 
     # one CPU (the demo's warm-up):
-    from mixdpo_ds.sft import SFTConfig, build_tiny_base, sft_train
+    from mixdpo_ds.apps.sft import SFTConfig, build_tiny_base, sft_train
     # paper recipe, one GPU:
-    python -m mixdpo_ds.paper sft --model gpt2 --data imdb_train.jsonl --out runs/sft_gpt2
+    python -m mixdpo_ds.apps.paper sft --model gpt2 --data imdb_train.jsonl --out runs/sft_gpt2
 """
 from __future__ import annotations
 

@@ -24,22 +24,22 @@ from pathlib import Path
 
 import torch
 
-from mixdpo_ds import checkpoint as ckpt
-from mixdpo_ds.config import RunConfig
-from mixdpo_ds.data import batches, collate, load_preference_data, num_batches
-from mixdpo_ds.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
-from mixdpo_ds.distributed import (
+from mixdpo_ds.core.em import random_responsibilities, tau_at
+from mixdpo_ds.core.losses import MixDPOOutput, chosen_nll, kl_to_uniform
+from mixdpo_ds.kernels import mbt_loss
+from mixdpo_ds.model.reference import PolicyReference
+from mixdpo_ds.training import checkpoint as ckpt
+from mixdpo_ds.training.config import RunConfig
+from mixdpo_ds.training.data import batches, collate, load_preference_data, num_batches
+from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
+from mixdpo_ds.training.distributed import (
     all_reduce_mean,
     differentiable_global_mean_rows,
     global_mean_rows,
     init_distributed,
     replicated_load,
 )
-from mixdpo_ds.em import random_responsibilities, tau_at
-from mixdpo_ds.kernels import mbt_loss
-from mixdpo_ds.losses import MixDPOOutput, chosen_nll, kl_to_uniform
-from mixdpo_ds.metrics import MetricAccumulator, MetricsLogger, plot_metrics
-from mixdpo_ds.reference import PolicyReference
+from mixdpo_ds.training.metrics import MetricAccumulator, MetricsLogger, plot_metrics
 
 log = logging.getLogger("mixdpo_ds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,8 +55,8 @@ def build_engine(policy, cfg: RunConfig, ds_config: dict, total_steps: int):
 
     t = cfg.train
     groups = policy.param_groups(t.lr, t.weight_decay)
-    if cfg.experts.ep_size > 1:  # expert parallel: the heads go in DeepSpeed 'moe' groups (mixdpo_ds.parallel)
-        from mixdpo_ds.parallel import check_expert_parallel, moe_param_groups
+    if cfg.experts.ep_size > 1:  # expert parallel: the heads go in DeepSpeed 'moe' groups (mixdpo_ds.model.parallel)
+        from mixdpo_ds.model.parallel import check_expert_parallel, moe_param_groups
 
         check_expert_parallel(cfg.experts.num_experts, cfg.experts.ep_size, zero_stage_of(ds_config),
                               torch.distributed.get_world_size())
@@ -87,8 +87,8 @@ class MixDPOTrainer:
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
-        from mixdpo_ds.experts import build_policy
-        from mixdpo_ds.gating import build_gate
+        from mixdpo_ds.model.experts import build_policy
+        from mixdpo_ds.model.gating import build_gate
 
         cfg, t = self.cfg, self.cfg.train
         init_distributed()
@@ -147,7 +147,7 @@ class MixDPOTrainer:
 
     def _setup_reference(self, policy, dtype) -> None:
         """self.reference (an object with .logps(batch)) or the precomputed tables self.ref_tables[split]."""
-        from mixdpo_ds.reference import (
+        from mixdpo_ds.model.reference import (
             FrozenReference,
             precompute_reference_logps,
             reference_cache_key,
@@ -157,7 +157,8 @@ class MixDPOTrainer:
         paths = cfg.experts.init_paths if cfg.experts.kind == "models" and cfg.experts.init_paths else \
             cfg.model.name_or_path
         # ZeRO-3: the policy's weights exist only inside the engine's forward, so its built-in reference cannot
-        # run (nor run on rank 0 alone for precompute); a replicated FrozenReference does (mixdpo_ds.distributed).
+        # run (nor run on rank 0 alone for precompute); a replicated FrozenReference does
+        # (training/distributed.py).
         builtin = policy.has_builtin_reference and self.zero_stage < 3
         with replicated_load():
             reference = PolicyReference(policy) if builtin else FrozenReference(
@@ -198,7 +199,7 @@ class MixDPOTrainer:
                         "over policy + gate loss); use em.gate_update=alternate")
 
     def _pretrain_gate(self) -> None:
-        from mixdpo_ds.gating import pretrain_gate
+        from mixdpo_ds.model.gating import pretrain_gate
 
         col = self.cfg.gate.pretrain_label_column
         if col != self.cfg.data.group_column:
@@ -252,7 +253,7 @@ class MixDPOTrainer:
         beta = phase.beta if phase.beta is not None else self.cfg.loss.beta
         mode, noise = mode or em.mode, None
         if mode == "gumbel" and resp is None and self.world > 1:  # global draws, this rank's rows: = 1-rank noise
-            from mixdpo_ds.gumbel import sample_gumbel
+            from mixdpo_ds.core.gumbel import sample_gumbel
             noise = sample_gumbel((em.gumbel.samples, B * self.world, self.K), generator=self.dev_gen,
                                   device=self.device)[:, self.rank * B:(self.rank + 1) * B]
         policy_logps = as_pairs(out.logps, B)
@@ -428,8 +429,8 @@ class MixDPOTrainer:
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
 
     def export(self) -> Path | None:
-        from mixdpo_ds.export import export_experts
-        from mixdpo_ds.parallel import dense_policy
+        from mixdpo_ds.model.parallel import dense_policy
+        from mixdpo_ds.training.export import export_experts
 
         out = self.out_dir / "export"
         policy = dense_policy(self.engine.module)  # expert parallel: gather the K heads (every rank calls it)

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mixdpo_ds.datasets.annotators import ANNOTATORS
-from mixdpo_ds.sft import sample_responses
+from mixdpo_ds.apps.datasets.annotators import ANNOTATORS
+from mixdpo_ds.apps.sft import sample_responses
 
 if TYPE_CHECKING:
-    from mixdpo_ds.demo import DemoConfig
+    from mixdpo_ds.apps.demo import DemoConfig
 
 
 def _score(prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -50,7 +50,7 @@ def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: di
     """Table 1 (multi: mean annotator rewards of samples) and Table 2 (contextual: each domain's own reward)."""
     from transformers import AutoModelForCausalLM
 
-    from mixdpo_ds.export import load_expert
+    from mixdpo_ds.training.export import load_expert
 
     rng = np.random.default_rng(seed)
     n = cfg.num_samples

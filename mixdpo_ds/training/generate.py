@@ -19,7 +19,7 @@ import torch
 @torch.no_grad()
 def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None) -> tuple[torch.Tensor, int]:
     """(w (K,), K) for one prompt (1, T) from the exported gate (uniform when the export has none)."""
-    from mixdpo_ds.export import load_expert, load_export_gate
+    from mixdpo_ds.training.export import load_expert, load_export_gate
 
     gate, meta = load_export_gate(str(export))
     if gate is None:
@@ -43,7 +43,7 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
     `expert`, `route`, `w`, `completion`."""
     from transformers import AutoTokenizer
 
-    from mixdpo_ds.export import load_expert
+    from mixdpo_ds.training.export import load_expert
 
     if route not in ("sample", "top1"):
         raise ValueError(f"--route must be one of ['sample', 'top1'], got {route!r}")

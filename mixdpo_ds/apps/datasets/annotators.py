@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from mixdpo_ds.datasets import vocab
+from mixdpo_ds.apps.datasets import vocab
 
 Reward = Callable[[str, str], float]
 

@@ -3,13 +3,13 @@
     mixdpo demo                         # 3 seeds, report in ./mixdpo_report (≤ 5 min on 2 CPU cores)
     mixdpo demo --out /tmp/r --seeds 1 --fast
 
-Per seed: synthetic review data with known annotator groups (`mixdpo_ds.datasets`) → SFT warm-up of a tiny GPT-2
-(`mixdpo_ds.sft`) → through the real trainer (`MixDPOTrainer`, DeepSpeed engine; the runs of all seeds are spread
+Per seed: synthetic review data with known annotator groups (`mixdpo_ds.apps.datasets`) → SFT warm-up of a tiny GPT-2
+(`mixdpo_ds.apps.sft`) → through the real trainer (`MixDPOTrainer`, DeepSpeed engine; the runs of all seeds are spread
 over `--workers` processes): DPO (K=1) and Mix-DPO (K=3 heads) on the multi-reward task, DPO and MoE-DPO (K=2 heads,
 gate on the prompt) on the contextual task, each pair of runs with the same steps, batch and lr →
-`mixdpo_ds.evaluate.evaluate_run` on held-out pairs → samples from every expert scored by the annotators' reward
-functions (`mixdpo_ds.demo_samples`) → `report.md` + PNG figures (`mixdpo_ds.report`), with the Bayes ceilings of
-the data next to what the runs achieved.
+`mixdpo_ds.training.evaluate.evaluate_run` on held-out pairs → samples from every expert scored by the annotators'
+reward functions (`mixdpo_ds.apps.demo_samples`) → `report.md` + PNG figures (`mixdpo_ds.apps.report`), with the
+Bayes ceilings of the data next to what the runs achieved.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from mixdpo_ds.datasets.ceilings import bayes_ceilings
-from mixdpo_ds.datasets.reviews import ReviewsConfig, read_jsonl, write_task
-from mixdpo_ds.datasets.tokenizer import build_review_tokenizer
-from mixdpo_ds.demo_samples import sample_tables
-from mixdpo_ds.sft import SFTConfig, build_tiny_base
+from mixdpo_ds.apps.datasets.ceilings import bayes_ceilings
+from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_task
+from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
+from mixdpo_ds.apps.demo_samples import sample_tables
+from mixdpo_ds.apps.sft import SFTConfig, build_tiny_base
 
 log = logging.getLogger("mixdpo_ds")
 
@@ -103,7 +103,7 @@ def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K:
                overrides: dict | None = None, task: str = "multi"):
     """The RunConfig of one demo run: K heads on the frozen SFT trunk, everything else shared by all runs.
     `overrides` (nested dict, e.g. {"em": {"mode": "gumbel"}}) is merged last (the ablation benchmark uses it)."""
-    from mixdpo_ds.config import RunConfig, merge
+    from mixdpo_ds.training.config import RunConfig, merge
 
     steps, batch_size = cfg.budget(task, gate)
     return RunConfig.from_dict(merge({
@@ -147,8 +147,8 @@ def _record_responsibilities(trainer, trace: dict) -> None:
 def train_and_evaluate(cfg: DemoConfig, base_dir: str, paths: dict, run_dir: str, K: int, gate: str, seed: int,
                        groups: list[str], overrides: dict | None = None, task: str = "multi") -> dict:
     """One run through the real trainer + `evaluate_run` on the held-out pairs; returns per-pair rows + trace."""
-    from mixdpo_ds.evaluate import evaluate_run
-    from mixdpo_ds.trainer import MixDPOTrainer
+    from mixdpo_ds.training.evaluate import evaluate_run
+    from mixdpo_ds.training.trainer import MixDPOTrainer
 
     trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed, overrides, task))
     trainer.setup()
@@ -167,7 +167,7 @@ def held_out_metrics(rows: list[dict], groups: list[str], K: int) -> dict:
     """Accuracies from evaluate's per-pair rows: mixture (p_mixture > 0.5) per group, every expert on every group,
     the best-permutation expert↔group matching of argmax resp (recovery), each group's matched expert's accuracy
     (routed), and the argmax-w routing confusion (MoE gate)."""
-    from mixdpo_ds.evaluate import recovery_accuracy
+    from mixdpo_ds.training.evaluate import recovery_accuracy
 
     gidx = np.array([groups.index(r["group"]) for r in rows])
     margins = np.array([r["margins"] for r in rows])  # (N, K)
@@ -360,7 +360,7 @@ def _quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mixdpo demo`; returns 0."""
-    from mixdpo_ds.report import write_report
+    from mixdpo_ds.apps.report import write_report
 
     cfg = parse_args(argv)
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import os
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mixdpo_ds.datasets import vocab
+from mixdpo_ds.apps.datasets import vocab
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 

@@ -1,7 +1,7 @@
 """EM schedule configuration: `EMConfig` (``em.*``), the E.1 regulariser phases, the τ schedule and
 the Dirichlet-random warm-up responsibilities.
 
-The math itself lives in `mixdpo_ds.losses` (exact E-step) and `mixdpo_ds.gumbel` (relaxation).
+The math itself lives in `mixdpo_ds.core.losses` (exact E-step) and `mixdpo_ds.core.gumbel` (relaxation).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from mixdpo_ds.gumbel import GumbelConfig
-from mixdpo_ds.losses import EStepWeights, e_step_temperature
+from mixdpo_ds.core.gumbel import GumbelConfig
+from mixdpo_ds.core.losses import EStepWeights, e_step_temperature
 
 EM_MODES = ("exact", "gumbel")
 GATE_UPDATES = ("joint", "alternate", "frozen")

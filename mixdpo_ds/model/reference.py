@@ -21,7 +21,13 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from mixdpo_ds.experts import _disable_dropout, _head_weight, _trunk_hidden, register_heads_for_zero3, sequence_logps
+from mixdpo_ds.model.experts import (
+    _disable_dropout,
+    _head_weight,
+    _trunk_hidden,
+    register_heads_for_zero3,
+    sequence_logps,
+)
 
 
 class FrozenReference(nn.Module):

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from mixdpo_ds.config import load_config
-from mixdpo_ds.data import collate, load_preference_data
-from mixdpo_ds.losses import mixdpo_loss
-from mixdpo_ds.trainer import MODEL_KEYS, as_pairs
+from mixdpo_ds.core.losses import mixdpo_loss
+from mixdpo_ds.training.config import load_config
+from mixdpo_ds.training.data import collate, load_preference_data
+from mixdpo_ds.training.trainer import MODEL_KEYS, as_pairs
 
 
 def best_matching(confusion: list[list[int]]) -> tuple[int, dict[int, int], str]:
@@ -74,7 +74,7 @@ def recovery_accuracy(expert: list[int], group: list[int], K: int, G: int) -> di
 
 
 def _load_run(run_dir: Path, device: torch.device):
-    from mixdpo_ds.export import load_compact, load_experts, load_export_gate
+    from mixdpo_ds.training.export import load_compact, load_experts, load_export_gate
 
     export = run_dir / "export"
     if not export.is_dir():
@@ -90,7 +90,7 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
     """Write OUT (JSONL per pair) and OUT.summary.json; return the summary dict (plus `summary_path`)."""
     from transformers import AutoTokenizer
 
-    from mixdpo_ds.reference import FrozenReference
+    from mixdpo_ds.model.reference import FrozenReference
 
     run = Path(run_dir)
     data_over = [f"data.path={data_path}", "data.eval_fraction=0.0", "data.eval_path=null", "data.eval_split=null",

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from mixdpo_ds.experts import ExpertsConfig, MixturePolicy
-from mixdpo_ds.gating import load_gate, save_gate
+from mixdpo_ds.model.experts import ExpertsConfig, MixturePolicy
+from mixdpo_ds.model.gating import load_gate, save_gate
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:

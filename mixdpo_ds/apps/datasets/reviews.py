@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from mixdpo_ds.datasets import vocab
-from mixdpo_ds.datasets.annotators import ANNOTATORS
+from mixdpo_ds.apps.datasets import vocab
+from mixdpo_ds.apps.datasets.annotators import ANNOTATORS
 
 TASKS = ("multi", "contextual")
 

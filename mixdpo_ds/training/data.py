@@ -7,7 +7,7 @@
 
 Sources go through `datasets.load_dataset`: a hub name, a local .json/.jsonl/.csv/.parquet file (optionally
 .gz), or a local directory (the `datasets` folder loader, which infers splits from file names). Row rules
-(HH-RLHF transcripts, chat templates, truncation) live in `mixdpo_ds.data_rows`.
+(HH-RLHF transcripts, chat templates, truncation) live in `mixdpo_ds.training.data_rows`.
 
 Prompt and response are tokenised separately and concatenated: tokenising the joined text would let BPE
 merge across the boundary (e.g. "Assistant:" + " Sure" → ": S"…), and then no token position separates
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from mixdpo_ds.data_rows import BadRow, row_texts, truncate_pair
+from mixdpo_ds.training.data_rows import BadRow, row_texts, truncate_pair
 
 _FORMAT_VERSION = 1  # bump when tokenisation rules change: invalidates reference-logp caches
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

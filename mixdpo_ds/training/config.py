@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import yaml
 
-from mixdpo_ds.data import DataConfig
-from mixdpo_ds.em import EMConfig
-from mixdpo_ds.experts import ExpertsConfig
-from mixdpo_ds.gating import GateConfig
+from mixdpo_ds.core.em import EMConfig
+from mixdpo_ds.model.experts import ExpertsConfig
+from mixdpo_ds.model.gating import GateConfig
+from mixdpo_ds.training.data import DataConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -81,9 +81,9 @@ class LossConfig:
                                                        "phase may override it."})
     rpo_alpha: float = field(default=0.0, metadata={
         "help": "weight α of RPO's NLL term (TRL's rpo_alpha): + α·mean_i Σ_k q_ik·NLL_k(chosen_i) per token "
-                "(mixdpo_ds.losses.chosen_nll); keeps samples near the data. 0 = plain (Mix-)DPO."})
+                "(mixdpo_ds.core.losses.chosen_nll); keeps samples near the data. 0 = plain (Mix-)DPO."})
     impl: str = field(default="auto", metadata={"help": f"MBT loss implementation, one of {list(LOSS_IMPLS)}: naive "
-                                                        "(PyTorch, mixdpo_ds.losses), triton (one fused kernel, "
+                                                        "(PyTorch, mixdpo_ds.core.losses), triton (one fused kernel, "
                                                         "kernels/mbt_loss.py), auto (triton on CUDA, else naive)."})
 
     def __post_init__(self):

@@ -107,7 +107,7 @@ class MixGate(nn.Module):
     @torch.no_grad()
     def update(self, resp: torch.Tensor) -> torch.Tensor:
         """resp (B, K) responsibilities -> new w (K,) (D.4: w ← normalise((1 − ρ) w + ρ · mean_i q_i) ≥ w_min)."""
-        from mixdpo_ds.losses import mix_weight_update
+        from mixdpo_ds.core.losses import mix_weight_update
 
         w = mix_weight_update(self.log_w.exp(), resp.detach().to(self.log_w.device), self.cfg.rho, self.cfg.w_min)
         self.log_w.copy_(w.log().to(self.log_w.dtype))
@@ -182,7 +182,7 @@ def pretrain_gate(gate: MixGate | MoEGate, features: torch.Tensor | None, labels
     """
     labels = labels.long()
     if isinstance(gate, MixGate):
-        from mixdpo_ds.losses import mix_weight_update
+        from mixdpo_ds.core.losses import mix_weight_update
 
         one_hot = F.one_hot(labels, gate.num_experts).float()                # (n, K)
         w = mix_weight_update(gate.log_w.exp(), one_hot, rho=1.0, w_min=gate.cfg.w_min)

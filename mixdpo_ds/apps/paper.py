@@ -1,20 +1,20 @@
 """The paper's full-size recipe (§4, App. H) as stages, each a real code path (`launch/paper/README.md` runs them):
 
     prepare   reviews → rows {text, prompt, domain}: IMDb / Amazon book reviews from the hub, or a local jsonl
-    sft       fine-tune a causal LM (GPT-2) on the review texts                       (mixdpo_ds.sft)
-    sample    n completions per prompt from a model                                    (mixdpo_ds.sft.sample_responses)
+    sft       fine-tune a causal LM (GPT-2) on the review texts          (mixdpo_ds.apps.sft)
+    sample    n completions per prompt from a model                       (mixdpo_ds.apps.sft.sample_responses)
     annotate  score every completion with reward functions: local rules or HF pipelines (`load_reward`)
     pairs     completions + scores → preference pairs with a latent annotator group per pair
     train     `mixdpo train` (Mix-DPO Case 1 / Case 2, MoE-DPO) — the trainer, unchanged
     evaluate  sample from every expert / the mixture of a run on test prompts, score with the rewards (Tables 1–3)
 
-    python -m mixdpo_ds.paper prepare --source imdb --split train --out data/imdb_train.jsonl
-    python -m mixdpo_ds.paper sft --model gpt2 --data data/imdb_train.jsonl --out runs/sft_gpt2 --steps 2000
-    python -m mixdpo_ds.paper sample --model runs/sft_gpt2 --data data/imdb_train.jsonl --out data/compl.jsonl
-    python -m mixdpo_ds.paper annotate --data data/compl.jsonl --out data/scored.jsonl \
+    python -m mixdpo_ds.apps.paper prepare --source imdb --split train --out data/imdb_train.jsonl
+    python -m mixdpo_ds.apps.paper sft --model gpt2 --data data/imdb_train.jsonl --out runs/sft_gpt2 --steps 2000
+    python -m mixdpo_ds.apps.paper sample --model runs/sft_gpt2 --data data/imdb_train.jsonl --out data/compl.jsonl
+    python -m mixdpo_ds.apps.paper annotate --data data/compl.jsonl --out data/scored.jsonl \
         --reward sentiment=hf:text-classification:lvwerra/distilbert-imdb:POSITIVE ...
-    python -m mixdpo_ds.paper pairs --data data/scored.jsonl --out data/pairs.jsonl --groups sentiment,info,grammar
-    python -m mixdpo_ds.paper evaluate --run runs/mix_case1 --data data/imdb_test.jsonl --reward ... --out t1.json
+    python -m mixdpo_ds.apps.paper pairs --data data/scored.jsonl --out data/pairs.jsonl --groups sentiment,info,grammar
+    python -m mixdpo_ds.apps.paper evaluate --run runs/mix_case1 --data data/imdb_test.jsonl --reward ... --out t1.json
 
 The tests (tests/integration/test_paper_recipe.py) run every stage on tiny local stand-ins.
 """
@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mixdpo_ds.datasets.annotators import ANNOTATORS
-from mixdpo_ds.datasets.reviews import read_jsonl, write_jsonl
+from mixdpo_ds.apps.datasets.annotators import ANNOTATORS
+from mixdpo_ds.apps.datasets.reviews import read_jsonl, write_jsonl
 
 Reward = Callable[[str, str], float]
 HUB_SOURCES = {"imdb": ("stanfordnlp/imdb", "text", "movie"),
@@ -68,7 +68,7 @@ def sft(model: str, data: str, out: str, steps: int, batch_size: int = 16, lr: f
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mixdpo_ds.sft import SFTConfig, sft_train
+    from mixdpo_ds.apps.sft import SFTConfig, sft_train
 
     tok = AutoTokenizer.from_pretrained(model)
     if tok.pad_token is None:
@@ -91,7 +91,7 @@ def sample(model: str, data: str, out: str, n: int = 2, max_new_tokens: int = 48
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mixdpo_ds.sft import sample_responses
+    from mixdpo_ds.apps.sft import sample_responses
 
     tok = AutoTokenizer.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model).eval()
@@ -109,7 +109,7 @@ def sample(model: str, data: str, out: str, n: int = 2, max_new_tokens: int = 48
 def load_reward(spec: str) -> Reward:
     """A reward callable `reward(prompt, response) -> float` from a spec:
 
-    - `local:NAME`: a rule of mixdpo_ds.datasets.annotators (sentiment, informativeness, grammar);
+    - `local:NAME`: a rule of mixdpo_ds.apps.datasets.annotators (sentiment, informativeness, grammar);
     - `hf:TASK:MODEL[:LABEL]`: a Hugging Face pipeline (e.g. `hf:text-classification:lvwerra/distilbert-imdb:POSITIVE`,
       `hf:text-classification:textattack/roberta-base-CoLA:LABEL_1`); the reward is the probability of LABEL
       (default: the first label of the model config) for prompt + response.
@@ -167,7 +167,7 @@ def build_pairs(data: str, out: str, groups: list[str] | None = None, by_domain:
     Multi-reward (Case 1/2): each pair's annotator group is drawn uniformly from `groups`. Contextual (MoE-DPO):
     `by_domain` maps the row's domain to the group (= reward name). The label is Bradley–Terry with the group's
     score (temperature 0: the higher score wins; ties are dropped)."""
-    from mixdpo_ds.datasets.reviews import bt_probability
+    from mixdpo_ds.apps.datasets.reviews import bt_probability
 
     rng = np.random.default_rng(seed)
     pairs = []
@@ -198,8 +198,8 @@ def evaluate(run: str, data: str, out: str, rewards: dict[str, Reward], max_prom
     import torch
     from transformers import AutoTokenizer
 
-    from mixdpo_ds.export import load_expert, load_export_gate
-    from mixdpo_ds.sft import sample_responses
+    from mixdpo_ds.apps.sft import sample_responses
+    from mixdpo_ds.training.export import load_expert, load_export_gate
 
     export = os.path.join(run, "export")
     K = json.load(open(os.path.join(export, "export.json")))["num_experts"]
@@ -237,7 +237,7 @@ def evaluate(run: str, data: str, out: str, rewards: dict[str, Reward], max_prom
 
 # ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mixdpo_ds.paper", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mixdpo_ds.apps.paper", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
     s = sub.add_parser("prepare")
     s.add_argument("--source", required=True, help=f"{sorted(HUB_SOURCES)} or a local jsonl with `text`")

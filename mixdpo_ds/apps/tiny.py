@@ -5,7 +5,7 @@ few strings, the model a 2-layer GPT-2 built from a config. Both are saved with 
 the code under test loads them exactly as it loads a real checkpoint (`AutoTokenizer.from_pretrained`,
 `AutoModelForCausalLM.from_pretrained`).
 
-    from mixdpo_ds.tiny import build_tiny_tokenizer, build_tiny_model
+    from mixdpo_ds.apps.tiny import build_tiny_tokenizer, build_tiny_model
     tok = build_tiny_tokenizer("/tmp/tiny")
     build_tiny_model("/tmp/tiny", tok)          # /tmp/tiny is now a complete model directory
 """

@@ -20,8 +20,8 @@ import itertools
 
 import numpy as np
 
-from mixdpo_ds.datasets.annotators import ANNOTATORS
-from mixdpo_ds.datasets.reviews import ReviewsConfig, bt_probability
+from mixdpo_ds.apps.datasets.annotators import ANNOTATORS
+from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, bt_probability
 
 
 def reward_margins(rows: list[dict], cfg: ReviewsConfig) -> np.ndarray:

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-DS_CONFIG_DIRS = (Path(__file__).resolve().parent.parent / "ds_configs", Path(__file__).resolve().parent / "ds_configs")
+_PKG = Path(__file__).resolve().parent.parent  # mixdpo_ds/
+# the repository checkout (editable install) or the installed package copy (setup.py maps ds_configs/ into it)
+DS_CONFIG_DIRS = (_PKG.parent / "ds_configs", _PKG / "ds_configs")
 
 
 def resolve_engine_path(spec: str) -> Path:

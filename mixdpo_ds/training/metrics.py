@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mixdpo_ds.distributed import all_reduce_mean
+from mixdpo_ds.training.distributed import all_reduce_mean
 
 
 class MetricAccumulator:

@@ -59,7 +59,7 @@ class ExpertsConfig:
     logprob_impl: str = field(default="auto", metadata={
         "help": "expert_logprobs implementation: auto (triton on CUDA, chunked otherwise) | naive | chunked | triton"})
     chunk_size: int | None = field(default=None, metadata={"help": "vocabulary chunk of the chunked kernel"})
-    ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (mixdpo_ds.parallel); 1 = dense"})
+    ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (model/parallel.py); 1 = dense"})
     disable_dropout: bool = field(default=True, metadata={
         "help": "set every dropout p to 0 in the experts (as TRL does for DPO: policy and reference log-probs "
                 "must be comparable)"})
@@ -215,9 +215,9 @@ class MixturePolicy(nn.Module):
         self.num_experts = cfg.num_experts
         self.trunk = trunk
         self.heads = nn.Parameter(heads) if heads is not None and cfg.ep_size == 1 else None    # (K, V, H)
-        self.ep_heads = None    # experts.ep_size > 1: this rank's K/ep_size heads (mixdpo_ds.parallel)
+        self.ep_heads = None    # experts.ep_size > 1: this rank's K/ep_size heads (mixdpo_ds.model.parallel)
         if heads is not None and cfg.ep_size > 1:
-            from mixdpo_ds.parallel import build_expert_parallel_heads
+            from mixdpo_ds.model.parallel import build_expert_parallel_heads
             self.ep_heads = build_expert_parallel_heads(heads, cfg)
         self.models = nn.ModuleList(models) if models is not None else None
         self.lora_model = lora_model
@@ -262,7 +262,7 @@ class MixturePolicy(nn.Module):
             else:
                 hidden = _trunk_hidden(self.trunk, input_ids, attention_mask)
             if self.ep_heads is not None:
-                from mixdpo_ds.parallel import ep_sequence_logps
+                from mixdpo_ds.model.parallel import ep_sequence_logps
                 logps = ep_sequence_logps(self.ep_heads, hidden, labels)                 # (2B, K)
             else:
                 logps = self._logps(hidden, self.heads, labels)                          # (2B, K)

@@ -17,11 +17,14 @@ setup(
     package_dir={"mixdpo_ds": "mixdpo_ds", "mixdpo_ds.kernels": "kernels", "mixdpo_ds.configs": "configs",
                  "mixdpo_ds.ds_configs": "ds_configs"},
     package_data={"mixdpo_ds.configs": ["*.yaml"], "mixdpo_ds.ds_configs": ["*.json"]},
+    # Upper bounds: the tests ran with deepspeed 0.19.8, transformers 5.24.0, peft 0.21.2 and datasets 5.2.0, and
+    # mixdpo_ds/compat.py uses private APIs of each. Before raising a bound, check every entry of compat.py's
+    # docstring against the new release and run tests/unit/test_compat.py (plus the tests it names).
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
-        "transformers>=4.45",
-        "datasets>=2.20",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.45,<5.25",
+        "datasets>=2.20,<5.3",
         "triton>=3.0",
         "safetensors>=0.4",
         "pyyaml>=6",
@@ -31,8 +34,8 @@ setup(
         "vaderSentiment>=3.3",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "liger-kernel", "peft", "tensorboard"],
-        "peft": ["peft>=0.12"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "liger-kernel", "peft>=0.12,<0.22", "tensorboard"],
+        "peft": ["peft>=0.12,<0.22"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["mixdpo=mixdpo_ds.cli:main"]},

@@ -1,11 +1,11 @@
 """Benchmark expert_logprobs: naive vs chunked (vs triton on a GPU), forward / backward / total time and peak memory.
 
-Question: does the bounded-memory path cost time? Acceptance (issue 4): at N=4096, H=768, V=50257, K=3 chunked's
+Question: does the bounded-memory path cost time? Acceptance: at N=4096, H=768, V=50257, K=3 chunked's
 peak memory ≤ 1/8 of naive's and its total time ≤ 1.2× naive's. Liger-Kernel's LigerFusedLinearDPOLoss (a fused
 linear + DPO loss, K = 1 by construction) runs as a peer at K = 1 on the same N·H·V.
 
     python benchmarks/bench_expert_logprobs.py                      # CPU default grid, < ~5 min on 2 cores
-    python benchmarks/bench_expert_logprobs.py --acceptance --rounds 2   # the issue-4 size (CPU: ~30 min, ~10 GB)
+    python benchmarks/bench_expert_logprobs.py --acceptance --rounds 2   # the acceptance size (CPU: ~30 min, ~10 GB)
     python benchmarks/bench_expert_logprobs.py --device cuda --sizes 4096,768,50257,3 4096,4096,128256,3
     add --append benchmarks/RESULTS.md to append the table (machine, commit, date, command).
 
@@ -188,7 +188,7 @@ def _commit() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=None, help="N,H,V,K tuples")
-    parser.add_argument("--acceptance", action="store_true", help=f"only the issue-4 size {ACCEPTANCE}")
+    parser.add_argument("--acceptance", action="store_true", help=f"only the acceptance size {ACCEPTANCE}")
     parser.add_argument("--impls", nargs="+", default=None, help="naive chunked triton liger liger-compiled; "
                         "default: naive chunked [triton on cuda] liger (K = 1 sizes only for liger)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

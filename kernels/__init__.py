@@ -1,4 +1,4 @@
-"""Fused kernels of mixdpo-ds (installed as `mixdpo_ds.kernels`; SPEC §3).
+"""Fused kernels of mixdpo-ds (installed as `mixdpo_ds.kernels`; docs/ARCHITECTURE.md "Kernels").
 
     expert_logprobs(hidden (N, H), heads (K, V, H), targets (N,), impl=..., chunk_size=None) -> (N, K) fp32
     mbt_loss(policy_logps (B, 2, K), ref_logps, log_w, beta, ..., impl=...) -> MixDPOOutput

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from mixdpo_ds.core.gumbel import GumbelConfig, sample_gumbel
-from mixdpo_ds.core.losses import EStepWeights, MixDPOOutput, _metrics, e_step_temperature
+from mixdpo_ds.core.losses import EStepWeights, MixDPOOutput, batch_metrics, e_step_temperature
 
 POISON = False  # tests: outputs start as NaN, so an unwritten element shows
 
@@ -247,7 +247,7 @@ def mbt_loss_triton(
     pol, gate, rewards, margins, corrected, log_sigma, q, _, pair = MBTLossFunction.apply(
         policy_logps, ref, log_w, None if resp is None else resp.detach(), noise if use_gumbel else None, kwargs)
     log_w32 = log_w.detach().float()
-    metrics = _metrics(rewards, margins, log_w32, q, pair[:, 1], pair[:, 2])
+    metrics = batch_metrics(policy_logps.detach(), rewards, margins, log_w32, q, pair[:, 1], pair[:, 2])
     return MixDPOOutput(loss=pol + gate, policy_loss=pol, gate_loss=gate, resp=q, log_sigma=log_sigma,
                         margins=margins, corrected_margins=corrected, mixture_margin=pair[:, 0], loglik=pair[:, 1],
                         elbo=pair[:, 2], metrics=metrics)

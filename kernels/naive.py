@@ -2,7 +2,7 @@
 
 `expert_logprobs_naive` materialises the full (N, K, V) logits; it is the reference every other
 implementation is compared with (run in fp64 by the tests) and the baseline of the benchmark.
-`mbt_loss_naive` is `mixdpo_ds.core.losses.mixdpo_loss` itself (SPEC §1 lives there).
+`mbt_loss_naive` is `mixdpo_ds.core.losses.mixdpo_loss` itself (docs/math.md §2–§6 live there).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`mixdpo` command line: train / evaluate / generate / demo (SPEC §6).
+"""`mixdpo` command line: train / evaluate / generate / demo (docs/ARCHITECTURE.md "Public surface").
 
     mixdpo train --config configs/tiny.yaml model.name_or_path=/tmp/tiny train.max_steps=20
     mixdpo evaluate --run runs/tiny --data tests/data/hh_rlhf_relabeled_sample.jsonl --out runs/tiny/eval.jsonl

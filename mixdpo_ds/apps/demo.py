@@ -28,6 +28,7 @@ from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_tas
 from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
 from mixdpo_ds.apps.demo_samples import sample_tables
 from mixdpo_ds.apps.sft import SFTConfig, build_tiny_base
+from mixdpo_ds.training.callbacks import TrainerCallback
 
 log = logging.getLogger("mixdpo_ds")
 
@@ -122,26 +123,23 @@ def run_config(cfg: DemoConfig, base_dir: str, train_path: str, run_dir: str, K:
     }, overrides or {}))
 
 
-def _record_responsibilities(trainer, trace: dict) -> None:
-    """Wrap this trainer instance's `loss_terms` to accumulate training-batch responsibilities per group and step
-    (the paper's Figures 1 and 3 log q_k per annotation style during training)."""
-    inner = trainer.loss_terms
+class ResponsibilityTrace(TrainerCallback):
+    """Accumulates the training batches' responsibilities per group and step (the paper's Figures 1 and 3 log q_k
+    per annotation style during training) into `trace`."""
 
-    def loss_terms(batch, step, *args, **kwargs):
-        res = inner(batch, step, *args, **kwargs)
-        if kwargs.get("split", "train") == "train":
-            groups, resp = batch["group_ids"].numpy(), res.resp.detach().float().cpu().numpy()
-            G, K = trace["G"], resp.shape[1]
-            sums, counts = np.zeros((G, K)), np.zeros(G)
-            for g in range(G):
-                sums[g] = resp[groups == g].sum(0)
-                counts[g] = (groups == g).sum()
-            trace["steps"].append(int(step))
-            trace["sums"].append(sums.tolist())
-            trace["counts"].append(counts.tolist())
-        return res
+    def __init__(self, trace: dict):
+        self.trace = trace
 
-    trainer.loss_terms = loss_terms
+    def on_step_end(self, trainer, step, record) -> None:
+        groups, resp = record.cat_batch("group_ids").numpy(), record.cat("resp").float().cpu().numpy()
+        G, K = self.trace["G"], resp.shape[1]
+        sums, counts = np.zeros((G, K)), np.zeros(G)
+        for g in range(G):
+            sums[g] = resp[groups == g].sum(0)
+            counts[g] = (groups == g).sum()
+        self.trace["steps"].append(int(step) - 1)  # the step the responsibilities were computed at (0-based)
+        self.trace["sums"].append(sums.tolist())
+        self.trace["counts"].append(counts.tolist())
 
 
 def train_and_evaluate(cfg: DemoConfig, base_dir: str, paths: dict, run_dir: str, K: int, gate: str, seed: int,
@@ -150,10 +148,10 @@ def train_and_evaluate(cfg: DemoConfig, base_dir: str, paths: dict, run_dir: str
     from mixdpo_ds.training.evaluate import evaluate_run
     from mixdpo_ds.training.trainer import MixDPOTrainer
 
-    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed, overrides, task))
-    trainer.setup()
     trace = {"G": len(groups), "steps": [], "sums": [], "counts": [], "names": sorted(groups)}
-    _record_responsibilities(trainer, trace)
+    trainer = MixDPOTrainer(run_config(cfg, base_dir, paths["train"], run_dir, K, gate, seed, overrides, task),
+                            callbacks=[ResponsibilityTrace(trace)])
+    trainer.setup()
     try:
         trainer.train()
     finally:
@@ -262,7 +260,9 @@ def finish_seed(cfg: DemoConfig, prep: dict, runs: dict, tokenizer_dir: str) -> 
             "contextual_rewards": tasks["contextual"]["contextual_rewards"]}
     result = {"seed": prep["seed"], "sft_loss": prep["sft_loss"],
               **{task: {"groups": t["groups"], "ceilings": t["ceilings"]} for task, t in tasks.items()}}
-    result["samples"] = sample_tables(cfg, prep["seed"], tokenizer, prep["base_dir"], runs, test)
+    result["samples"] = sample_tables(prep["seed"], tokenizer, prep["base_dir"], runs, test,
+                                      num_samples=cfg.num_samples, num_end_probe=cfg.num_end_probe,
+                                      stop_at_period=cfg.stop_at_period)
     for name, res in runs.items():
         result[name] = {"metrics": res["metrics"], "trace": res["trace"], "seconds": res["seconds"]}
     return result

@@ -5,16 +5,11 @@ Mixture rows are ancestral samples: z ~ w(x) (or its argmax), then expert z's sa
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from mixdpo_ds.apps.datasets.annotators import ANNOTATORS
 from mixdpo_ds.apps.sft import sample_responses
-
-if TYPE_CHECKING:
-    from mixdpo_ds.apps.demo import DemoConfig
 
 
 def _score(prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -34,10 +29,10 @@ def end_probability(model, tokenizer, rows: list[dict]) -> float:
     return float(np.mean(probs)) if probs else float("nan")
 
 
-def _sample(model, tokenizer, prompts: list[str], seed: int, cfg: DemoConfig, rows: list[dict], ends: dict,
-            name: str) -> list[str]:
-    ends[name] = end_probability(model, tokenizer, rows[:cfg.num_end_probe])
-    return sample_responses(model, tokenizer, prompts, seed=seed, stop_tokens=(".",) if cfg.stop_at_period else ())
+def _sample(model, tokenizer, prompts: list[str], seed: int, rows: list[dict], ends: dict, name: str,
+            num_end_probe: int, stop_at_period: bool) -> list[str]:
+    ends[name] = end_probability(model, tokenizer, rows[:num_end_probe])
+    return sample_responses(model, tokenizer, prompts, seed=seed, stop_tokens=(".",) if stop_at_period else ())
 
 
 def _route(samples: list[list[str]], w: np.ndarray, rng: np.random.Generator, top1: bool = False) -> list[str]:
@@ -46,14 +41,19 @@ def _route(samples: list[list[str]], w: np.ndarray, rng: np.random.Generator, to
     return [samples[k][i] for i, k in enumerate(z)]
 
 
-def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: dict, test: dict) -> dict:
-    """Table 1 (multi: mean annotator rewards of samples) and Table 2 (contextual: each domain's own reward)."""
+def sample_tables(seed: int, tokenizer, base_dir: str, runs: dict, test: dict, *, num_samples: int,
+                  num_end_probe: int, stop_at_period: bool) -> dict:
+    """Table 1 (multi: mean annotator rewards of samples) and Table 2 (contextual: each domain's own reward).
+
+    num_samples held-out prompts per task; num_end_probe held-out reviews for P(end | review); stop_at_period:
+    samples end at the first '.' (the demo's `DemoConfig` fields of the same names)."""
     from transformers import AutoModelForCausalLM
 
     from mixdpo_ds.training.export import load_expert
 
     rng = np.random.default_rng(seed)
-    n = cfg.num_samples
+    n = num_samples
+    probe = {"num_end_probe": num_end_probe, "stop_at_period": stop_at_period}
     ref = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     out = {}
     for task, (dpo, mix, K) in {"multi": ("dpo_multi", "mixdpo", 3), "contextual": ("dpo_ctx", "moedpo", 2)}.items():
@@ -61,11 +61,11 @@ def sample_tables(cfg: DemoConfig, seed: int, tokenizer, base_dir: str, runs: di
         prompts = [r["prompt"] for r in rows]
         w = np.array([r["w"] for r in sorted(runs[mix]["rows"], key=lambda r: r["index"])[:n]])
         ends = {}
-        samples = {"reference (SFT)": _sample(ref, tokenizer, prompts, seed, cfg, rows, ends, "reference (SFT)"),
-                   "DPO": _sample(load_expert(runs[dpo]["export"], 0), tokenizer, prompts, seed, cfg, rows, ends,
-                                  "DPO")}
-        experts = [_sample(load_expert(runs[mix]["export"], k), tokenizer, prompts, seed + 17 * k, cfg, rows, ends,
-                           f"expert {k}") for k in range(K)]
+        samples = {"reference (SFT)": _sample(ref, tokenizer, prompts, seed, rows, ends, "reference (SFT)", **probe),
+                   "DPO": _sample(load_expert(runs[dpo]["export"], 0), tokenizer, prompts, seed, rows, ends, "DPO",
+                                  **probe)}
+        experts = [_sample(load_expert(runs[mix]["export"], k), tokenizer, prompts, seed + 17 * k, rows, ends,
+                           f"expert {k}", **probe) for k in range(K)]
         for k in range(K):
             samples[f"expert {k}"] = experts[k]
         samples["mixture (z ~ w)"] = _route(experts, w, rng)

@@ -122,7 +122,7 @@ def sample_table(results: list[dict], task: str, run: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- checks
 def acceptance(results: list[dict]) -> list[tuple[str, bool, str]]:
-    """The issue's acceptance list, each as (criterion, holds, measured), on the means over seeds."""
+    """The demo's acceptance list, each as (criterion, holds, measured), on the means over seeds."""
     m = lambda vals: mean_sd(vals)[0]  # noqa: E731
     groups = results[0]["multi"]["groups"]
     checks = []
@@ -200,20 +200,28 @@ def plot_responsibilities(result: dict, run: str, task: str, path: str, smooth: 
     return path
 
 
-def plot_gate_confusion(results: list[dict], path: str) -> str:
-    """Figure 4: argmax w(x) of the MoE gate against the prompt's domain on held-out pairs, summed over seeds with
-    each seed's experts ordered by the gate's best matching (column j = the expert matched to group j)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def aligned_gate_confusion(results: list[dict]) -> np.ndarray:
+    """(G, G) counts of argmax w(x) of the MoE gate against the prompt's domain on held-out pairs, summed over
+    seeds, each seed's expert columns reordered so that column j is the expert most group-j prompts go to (when
+    those experts are distinct; otherwise the seed's columns stay in expert order)."""
     groups = results[0]["contextual"]["groups"]
     total = np.zeros((len(groups), len(groups)))
     for r in results:
         conf = np.array(r["moedpo"]["metrics"]["gate_confusion"])  # (G, K)
         order = np.argmax(conf, axis=1) if len(set(np.argmax(conf, axis=1))) == len(groups) else np.arange(len(groups))
         total += conf[:, order]
+    return total
+
+
+def plot_gate_confusion(results: list[dict], path: str) -> str:
+    """Figure 4: `aligned_gate_confusion` as row fractions (and counts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = results[0]["contextual"]["groups"]
+    total = aligned_gate_confusion(results)
     frac = total / np.maximum(total.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(4, 3.4))
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
@@ -293,7 +301,7 @@ def write_report(out_dir: str, results: list[dict], config: dict, seconds: float
          f"{config.get('ctx_batch_size', config['batch_size'])} pairs, "
          f"{config.get('num_train_contextual', config['num_train'])} contextual training pairs; "
          f"{config['num_test']} held-out pairs per task.", "",
-         "## Acceptance checks (issue 6)", ""]
+         "## Acceptance checks", ""]
     L += _table(["criterion", "holds", "measured (mean over seeds)"],
                 [[c, "yes" if ok else "**no**", v] for c, ok, v in checks])
     failing = [c for c, ok, _ in checks if not ok]

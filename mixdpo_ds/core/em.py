@@ -163,7 +163,7 @@ def tau_at(step: int, cfg: EMConfig) -> float:
 
 def random_responsibilities(B: int, K: int, alpha: float = 1.0, generator: torch.Generator | None = None,
                             device=None) -> Tensor:
-    """Dirichlet(α·1_K) responsibilities (B, K) for the symmetry-breaking warm-up (SPEC §1), fp32.
+    """Dirichlet(α·1_K) responsibilities (B, K) for the symmetry-breaking warm-up (docs/math.md §8), fp32.
 
     torch's Dirichlet sampler takes no generator, so a seed is drawn from ``generator`` and the sample
     is taken under a forked CPU RNG: reproducible per generator, and the global RNG is untouched.

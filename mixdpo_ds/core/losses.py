@@ -32,7 +32,7 @@ from mixdpo_ds.core.gumbel import GumbelConfig, gumbel_mc_loss
 __all__ = [
     "EStepWeights", "GumbelConfig", "MixDPOOutput", "implicit_rewards", "expert_margins", "mixture_rewards",
     "corrected_margins", "bt_loglik", "e_step_temperature", "e_step", "policy_loss", "gate_loss",
-    "mix_weight_update", "dpo_loss", "mixdpo_loss",
+    "mix_weight_update", "dpo_loss", "mixdpo_loss", "batch_metrics", "kl_to_uniform", "chosen_nll",
 ]
 
 
@@ -278,7 +278,7 @@ def mixdpo_loss(
         reaches the gate through z; gate_loss = λ_kl · KL̂(z‖w) + λ_global KL(w̄‖U). ``noise`` (L, B, K)
         or ``generator`` give the Gumbel samples; ``tau`` overrides ``gumbel.tau`` (annealing).
     Reward metrics for K > 1 are resp-weighted: rewards/chosen = mean_i Σ_k q_ik h_ik+ (the reward of the
-    experts held responsible for the pair; for K = 1 they equal TRL's); accuracy = mean_i 1[Σ_k q_ik Δ_ik > 0].
+    experts held responsible for the pair; for K = 1 they equal TRL's). Accuracies: `batch_metrics`.
     """
     if posterior_correction not in (0, 1):
         raise ValueError(f"em.posterior_correction must be one of [0, 1], got {posterior_correction!r}")
@@ -315,7 +315,7 @@ def mixdpo_loss(
     with torch.no_grad():
         loglik = torch.logsumexp(log_w + log_sigma, dim=-1)  # (B,) eq. 5
         elbo = (resp * (log_w + log_sigma) - torch.special.xlogy(resp, resp)).sum(-1)  # (B,)
-        metrics = _metrics(rewards, margins, log_w, resp, loglik, elbo)
+        metrics = batch_metrics(policy_logps, rewards, margins, log_w, resp, loglik, elbo)
     return MixDPOOutput(
         loss=pol + gate, policy_loss=pol, gate_loss=gate, resp=resp, log_sigma=log_sigma, margins=margins,
         corrected_margins=corrected, mixture_margin=mixture_margin, loglik=loglik, elbo=elbo, metrics=metrics,
@@ -327,10 +327,18 @@ def _entropy(p: Tensor) -> Tensor:
     return -torch.special.xlogy(p, p).sum(-1)
 
 
-def _metrics(rewards: Tensor, margins: Tensor, log_w: Tensor, resp: Tensor, loglik: Tensor,
-             elbo: Tensor) -> dict[str, Tensor]:
-    """Per-step diagnostics (SPEC §1), all scalar tensors. rewards (B, 2, K); the rest (B, K) / (B,)."""
+def batch_metrics(policy_logps: Tensor, rewards: Tensor, margins: Tensor, log_w: Tensor, resp: Tensor,
+                  loglik: Tensor, elbo: Tensor) -> dict[str, Tensor]:
+    """Per-batch diagnostics (docs/math.md §10), all scalar tensors, in TRL's names where TRL has the concept.
+
+    policy_logps, rewards (B, 2, K); margins, log_w, resp (B, K); loglik, elbo (B,).
+    `rewards/accuracies` is the mixture's prediction, which does not see the label:
+    P_i = Σ_k w_ik σ(Δ_ik) > 0.5 (K = 1: TRL's chosen reward > rejected reward). `rewards/accuracies_posterior`
+    uses q, the posterior given the label, and is optimistic: Σ_k q_ik Δ_ik > 0.
+    `logps/chosen|rejected` are the gate-weighted sequence log-probs Σ_k w_ik lp_ik±.
+    """
     w = log_w.exp()
+    p_mixture = (w * torch.sigmoid(margins)).sum(-1)  # (B,)
     chosen = (resp * rewards[:, 0]).sum(-1)  # (B,)
     rejected = (resp * rewards[:, 1]).sum(-1)  # (B,)
     metrics = {
@@ -340,9 +348,12 @@ def _metrics(rewards: Tensor, margins: Tensor, log_w: Tensor, resp: Tensor, logl
         "rewards/chosen": chosen.mean(),
         "rewards/rejected": rejected.mean(),
         "rewards/margins": (chosen - rejected).mean(),
-        "accuracy": (chosen > rejected).float().mean(),
+        "rewards/accuracies": (p_mixture > 0.5).float().mean(),
+        "rewards/accuracies_posterior": (chosen > rejected).float().mean(),
+        "logps/chosen": (w * _fp(policy_logps[:, 0])).sum(-1).mean(),
+        "logps/rejected": (w * _fp(policy_logps[:, 1])).sum(-1).mean(),
         "gate/entropy": _entropy(w).mean(),
-        "p_mixture": (w * torch.sigmoid(margins)).sum(-1).mean(),
+        "p_mixture": p_mixture.mean(),
     }
     for k in range(margins.shape[-1]):
         metrics[f"experts/{k}/margin"] = margins[:, k].mean()

@@ -16,9 +16,7 @@ blind to padding on their right).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -26,7 +24,17 @@ import torch
 import torch.nn as nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, PreTrainedModel
 
-IGNORE_INDEX = -100
+from mixdpo_ds.compat import lora_layers, set_lora_active, set_lora_disabled
+from mixdpo_ds.model.hf_lm import (
+    disable_dropout,
+    gathered,
+    head_weight,
+    partitioned,
+    register_heads_for_zero3,
+    sequence_logps,
+    trunk_hidden,
+)
+
 KINDS = ("heads", "models", "lora")
 TRUNK_MODES = ("frozen", "trainable")
 LOGPROB_IMPLS = ("auto", "naive", "chunked", "triton")
@@ -115,58 +123,7 @@ class PolicyOutput(NamedTuple):
     backward hook the heads are not re-gathered for the backward (empty saved tensors)."""
     logps: torch.Tensor                    # (2B, K) fp32 sums over response tokens
     prompt_features: torch.Tensor | None   # (2B, H) detached hidden state at the last prompt token
-    token_count: torch.Tensor              # () N response tokens in the batch (a tensor: no device sync)
     ref_logps: torch.Tensor | None = None  # (2B,) π_ref log-probs from the same trunk pass (frozen-trunk heads)
-
-
-def sequence_logps(hidden: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, impl: str = "auto",
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """Sequence log-probs of K heads over response tokens: (2B, T, H), (K, V, H), (2B, T) -> (2B, K) fp32.
-
-    Token t predicts labels[t + 1] (the shift of causal LMs); only positions whose shifted label is not -100
-    go into `expert_logprobs` as an (N, H) matrix, and the (N, K) token log-probs are summed per row with
-    index_add_ (SPEC §1: lp_k = Σ_t log π_k(y_t | x, y_<t) over response tokens only).
-    """
-    from mixdpo_ds.kernels import default_impl, expert_logprobs  # lazy: keeps `import experts` light
-
-    targets = labels[:, 1:]                                           # (2B, T-1)
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)     # (N,), (N,)
-    token_hidden = hidden[:, :-1][rows, cols]                         # (N, H)
-    impl = default_impl(hidden.device) if impl == "auto" else impl
-    token_logps = expert_logprobs(token_hidden, heads, targets[rows, cols], impl=impl, chunk_size=chunk_size)  # (N, K)
-    out = torch.zeros(hidden.shape[0], heads.shape[0], dtype=torch.float32, device=hidden.device)
-    return out.index_add_(0, rows, token_logps.float())              # (2B, K)
-
-
-def _head_weight(model: PreTrainedModel) -> torch.Tensor:
-    """The (V, H) output embedding of a causal LM; heads with a bias are refused (GPT-2, Llama have none)."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}: LM heads with a bias are not supported by the expert kernel")
-    return head.weight
-
-
-def register_heads_for_zero3(module: nn.Module, weights: list[torch.Tensor]) -> None:
-    """Let ZeRO-3 gather LM-head weights that `module.forward` reads outside the head's own forward.
-
-    ZeRO-3 materialises a parameter only inside its owning module's forward (DEEPSPEED-NOTES); the `models`,
-    `lora` and reference paths read `get_output_embeddings().weight` from the enclosing forward, so the weight
-    is registered as an external parameter of that module. Only a dict on the module: harmless without ZeRO-3.
-    Done when deepspeed is already imported (the trainer imports it before building the policy), so plain
-    inference does not pay deepspeed's import.
-    """
-    if "deepspeed" not in sys.modules:
-        return
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    for w in weights:
-        register_external_parameter(module, w)
-
-
-def _disable_dropout(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
 
 
 def _add_noise_(tensor: torch.Tensor, rel_std: float, generator: torch.Generator, ref: torch.Tensor = None) -> None:
@@ -176,10 +133,6 @@ def _add_noise_(tensor: torch.Tensor, rel_std: float, generator: torch.Generator
     noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * scale
     with torch.no_grad():
         tensor.add_(noise.to(tensor.dtype).to(tensor.device))
-
-
-def _trunk_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # (2B, T, H)
 
 
 def _prompt_features(hidden: torch.Tensor, prompt_last_index: torch.Tensor | None) -> torch.Tensor | None:
@@ -230,12 +183,11 @@ class MixturePolicy(nn.Module):
             self.trunk.requires_grad_(False)
             self.trunk.eval()
         if self.kind == "models":
-            register_heads_for_zero3(self, [_head_weight(m) for m in self.models])
+            register_heads_for_zero3(self, [head_weight(m) for m in self.models])
         elif self.kind == "lora":
-            register_heads_for_zero3(self, [_head_weight(lora_model.base_model.model)])
-            from peft.tuners.tuners_utils import BaseTunerLayer
+            register_heads_for_zero3(self, [head_weight(lora_model.base_model.model)])
             # a plain list, not a ModuleList: the layers are already submodules of lora_model
-            self._lora_layers = [m for m in lora_model.modules() if isinstance(m, BaseTunerLayer)]
+            self._lora_layers = lora_layers(lora_model)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -254,13 +206,12 @@ class MixturePolicy(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 prompt_last_index: torch.Tensor | None = None) -> PolicyOutput:
         """(2B, T) ids, mask, labels (-100 off the response) -> PolicyOutput(logps (2B, K) fp32, ...)."""
-        token_count = (labels[:, 1:] != IGNORE_INDEX).sum()
         if self.kind == "heads":
             if self.cfg.trunk == "frozen":
                 with torch.no_grad():
-                    hidden = _trunk_hidden(self.trunk, input_ids, attention_mask)
+                    hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
             else:
-                hidden = _trunk_hidden(self.trunk, input_ids, attention_mask)
+                hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
             if self.ep_heads is not None:
                 from mixdpo_ds.model.parallel import ep_sequence_logps
                 logps = ep_sequence_logps(self.ep_heads, hidden, labels)                 # (2B, K)
@@ -271,15 +222,15 @@ class MixturePolicy(nn.Module):
                 # the reference is the base head on the same frozen hidden states: no second trunk pass
                 with torch.no_grad():
                     ref_logps = self._logps(hidden, self.ref_head.unsqueeze(0), labels)[:, 0]   # (2B,)
-            return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), token_count, ref_logps)
+            return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), ref_logps)
         per_expert, features = [], None
         for k in range(self.num_experts):
             model = self._select(k)
-            hidden = _trunk_hidden(model.base_model, input_ids, attention_mask)
-            per_expert.append(self._logps(hidden, _head_weight(model).unsqueeze(0), labels))   # (2B, 1)
+            hidden = trunk_hidden(model.base_model, input_ids, attention_mask)
+            per_expert.append(self._logps(hidden, head_weight(model).unsqueeze(0), labels))   # (2B, 1)
             if k == 0:      # `models`: the gate reads expert 0's trunk (documented in ARCHITECTURE.md)
                 features = _prompt_features(hidden, prompt_last_index)
-        return PolicyOutput(torch.cat(per_expert, dim=1), features, token_count)
+        return PolicyOutput(torch.cat(per_expert, dim=1), features)
 
     def _select(self, k: int) -> PreTrainedModel:
         """The HF causal LM that computes expert k (for lora: the shared base with adapter k active)."""
@@ -289,7 +240,7 @@ class MixturePolicy(nn.Module):
         # inactive adapters (ZeRO-1/2's gradient hooks need requires_grad fixed from the forward to the backward).
         # All K adapters stay trainable; only the active one is in this pass's graph.
         for module in self._lora_layers:
-            module._active_adapter = [self.adapter_names[k]]
+            set_lora_active(module, [self.adapter_names[k]])
         return self.lora_model.base_model.model
 
     @torch.no_grad()
@@ -297,7 +248,7 @@ class MixturePolicy(nn.Module):
         """π_ref sequence log-probs (2B,) without a second model: the frozen trunk with the base head (heads),
         or the base with adapters disabled (lora)."""
         if self.kind == "heads" and self.ref_head is not None:
-            hidden = _trunk_hidden(self.trunk, input_ids, attention_mask)
+            hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
             return self._logps(hidden, self.ref_head.unsqueeze(0), labels)[:, 0]
         if self.kind == "lora":
             was_training = self.lora_model.training
@@ -306,14 +257,14 @@ class MixturePolicy(nn.Module):
             # the inactive adapters requires_grad=False, and that between the policy forward and its backward
             # leaves ZeRO-1/2's gradient hooks with param.grad None (a crash at the first step).
             for module in self._lora_layers:
-                module._disable_adapters = True
+                set_lora_disabled(module, True)
             try:
                 model = self.lora_model.base_model.model
-                hidden = _trunk_hidden(model.base_model, input_ids, attention_mask)
-                out = self._logps(hidden, _head_weight(model).unsqueeze(0), labels)[:, 0]
+                hidden = trunk_hidden(model.base_model, input_ids, attention_mask)
+                out = self._logps(hidden, head_weight(model).unsqueeze(0), labels)[:, 0]
             finally:
                 for module in self._lora_layers:
-                    module._disable_adapters = False
+                    set_lora_disabled(module, False)
                 self.lora_model.train(was_training)
             return out
         raise ValueError(f"experts.kind={self.kind!r} (trunk={self.cfg.trunk!r}) has no built-in reference; "
@@ -390,31 +341,14 @@ def _lora_noise_(model: nn.Module, rel_std: float, generator: torch.Generator) -
         lora_b = getattr(module, "lora_B", None)
         if isinstance(lora_b, nn.ModuleDict) and hasattr(module, "get_base_layer"):
             base_weight = module.get_base_layer().weight
-            with _gathered([base_weight]):
+            with gathered([base_weight]):
                 for linear in lora_b.values():
                     _add_noise_(linear.weight, rel_std, generator, ref=base_weight)
 
 
-def _partitioned(params) -> bool:
-    """True for ZeRO-3 parameters partitioned at load (`HfDeepSpeedConfig` + from_pretrained): data is empty."""
-    return any(hasattr(p, "ds_id") for p in params)
-
-
-@contextlib.contextmanager
-def _gathered(params: list[nn.Parameter], modify: bool = False):
-    """Full values of ZeRO-3 parameters inside the block (rank 0's edits kept when modify); a no-op otherwise."""
-    if not _partitioned(params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
-        yield
-
-
 def _noise_model_(model: nn.Module, rel_std: float, generator: torch.Generator) -> None:
     for p in model.parameters():
-        with _gathered([p], modify=True):
+        with gathered([p], modify=True):
             if p.ndim >= 2:
                 _add_noise_(p, rel_std, generator)
 
@@ -428,13 +362,13 @@ def build_policy(model_name_or_path: str, cfg: ExpertsConfig, torch_dtype: torch
     def load(path: str) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         if cfg.disable_dropout:
-            _disable_dropout(model)
+            disable_dropout(model)
         return model
 
     base = load(cfg.init_paths[0] if cfg.kind == "models" and cfg.init_paths else model_name_or_path)
     if cfg.kind == "heads":
-        weight = _head_weight(base)
-        with _gathered([weight]):
+        weight = head_weight(base)
+        with gathered([weight]):
             head = weight.detach().clone()                                                # (V, H)
         heads = head.unsqueeze(0).repeat(cfg.num_experts, 1, 1)                           # (K, V, H), untied
         for k in range(cfg.num_experts):
@@ -445,7 +379,7 @@ def build_policy(model_name_or_path: str, cfg: ExpertsConfig, torch_dtype: torch
     if cfg.kind == "models":
         models = [base]
         for k in range(1, cfg.num_experts):
-            if cfg.init_paths is not None or _partitioned(base.parameters()):   # no deepcopy of ZeRO-3 params
+            if cfg.init_paths is not None or partitioned(base.parameters()):   # no deepcopy of ZeRO-3 params
                 models.append(load(cfg.init_paths[k] if cfg.init_paths else model_name_or_path))
             else:
                 models.append(copy.deepcopy(base))

@@ -1,4 +1,4 @@
-"""Gating weights w over the K experts (SPEC §1 `log_w`, paper eq. 1, D.4, E user-aware routing).
+"""Gating weights w over the K experts (docs/math.md §1 `log_w`, §5; paper eq. 1, D.4, E user-aware routing).
 
 - `MixGate` (Mix-DPO): one global weight vector, stored as the buffer log_w (K,), broadcast to (B, K);
   updated in closed form from the responsibilities (D.4): w ← normalise((1 − ρ) w + ρ · mean_i q_i),

@@ -30,12 +30,11 @@ import torch
 import torch.distributed as torch_dist
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import _AllToAll
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
 from torch import nn
 
-IGNORE_INDEX = -100
+from mixdpo_ds.compat import all_to_all, expert_parallel_group, local_numel
+from mixdpo_ds.model.hf_lm import IGNORE_INDEX
 
 
 def check_expert_parallel(num_experts: int, ep_size: int, zero_stage: int = 0, world_size: int | None = None) -> None:
@@ -68,25 +67,14 @@ def ensure_expert_groups(ep_size: int) -> torch_dist.ProcessGroup:
     Layout (DeepSpeed's default, E + D): world 4, ep 2 -> EP groups [0, 1], [2, 3] (experts split
     here, all-to-all), expert-data-parallel groups [0, 2], [1, 3] (the heads' gradients all-reduced).
     """
-    name = expert_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_group(name)
+    return expert_parallel_group(expert_group_name(ep_size), ep_size)
 
 
 def _local_logprobs(hidden: torch.Tensor, heads: torch.Tensor, targets: torch.Tensor, impl: str,
                     chunk_size: int | None) -> torch.Tensor:
     """(N, H), (K, V, H), (N,) -> (N, K) fp32 token log-probs via `mixdpo_ds.kernels.expert_logprobs`."""
-    try:
-        from mixdpo_ds.kernels import expert_logprobs
-    except ImportError:  # the kernels package may not export it yet: naive log_softmax-gather
-        expert_logprobs = None
-    if expert_logprobs is None:
-        dtype = torch.promote_types(torch.float32, hidden.dtype)
-        logits = torch.einsum("nh,kvh->nkv", hidden.to(dtype), heads.to(dtype))  # (N, K, V)
-        ignored = targets == IGNORE_INDEX
-        index = targets.masked_fill(ignored, 0)[:, None, None].expand(-1, heads.shape[0], 1)  # (N, K, 1)
-        return logits.log_softmax(-1).gather(-1, index).squeeze(-1).masked_fill(ignored[:, None], 0.0)
+    from mixdpo_ds.kernels import expert_logprobs
+
     kwargs = {} if impl == "auto" else {"impl": impl}
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
@@ -261,7 +249,7 @@ class ExpertParallelHeads(MoE):
         token_logps = _local_logprobs(hidden_all, heads, targets_all, self.logprob_impl, self.chunk_size)
         table = token_logps.new_zeros(P * s_max, self.num_local_experts).index_add(0, seq_all, token_logps)
         # (P, S_max, K/P): block j holds rank j's sequences; after all-to-all block j holds rank j's experts
-        received = _AllToAll.apply(group, table.view(P, s_max, self.num_local_experts))
+        received = all_to_all(group, table.view(P, s_max, self.num_local_experts))
         return received.permute(1, 0, 2).reshape(s_max, self.num_experts)[:num_seqs]  # (S, K)
 
 
@@ -273,7 +261,7 @@ def head_param_bytes(module: nn.Module) -> int:
         params = list(module.deepspeed_moe.experts.parameters())
     else:
         params = [p for n, p in module.named_parameters() if "head" in n]
-    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in params)
+    return sum(local_numel(p) * p.element_size() for p in params)
 
 
 def moe_param_groups(param_groups: list[dict]) -> list[dict]:

@@ -21,13 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from mixdpo_ds.model.experts import (
-    _disable_dropout,
-    _head_weight,
-    _trunk_hidden,
-    register_heads_for_zero3,
-    sequence_logps,
-)
+from mixdpo_ds.model.hf_lm import disable_dropout, head_weight, register_heads_for_zero3, sequence_logps, trunk_hidden
 
 
 class FrozenReference(nn.Module):
@@ -44,10 +38,10 @@ class FrozenReference(nn.Module):
         self.paths = paths if self.per_expert else paths[:1]
         self.models = nn.ModuleList(AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype) for p in self.paths)
         for model in self.models:
-            _disable_dropout(model)
+            disable_dropout(model)
         self.requires_grad_(False)
         self.eval()
-        register_heads_for_zero3(self, [_head_weight(m) for m in self.models])
+        register_heads_for_zero3(self, [head_weight(m) for m in self.models])
         self.logprob_impl = logprob_impl
         self.chunk_size = chunk_size
 
@@ -59,8 +53,8 @@ class FrozenReference(nn.Module):
         """(2B, T) ids, mask, labels -> (2B,) shared or (2B, K) per-expert fp32 sequence log-probs."""
         out = []
         for model in self.models:
-            hidden = _trunk_hidden(model.base_model, input_ids, attention_mask)             # (2B, T, H)
-            out.append(sequence_logps(hidden, _head_weight(model).unsqueeze(0), labels,
+            hidden = trunk_hidden(model.base_model, input_ids, attention_mask)             # (2B, T, H)
+            out.append(sequence_logps(hidden, head_weight(model).unsqueeze(0), labels,
                                       self.logprob_impl, self.chunk_size))                  # (2B, 1)
         logps = torch.cat(out, dim=1)                                                       # (2B, K or 1)
         return logps if self.per_expert else logps[:, 0]

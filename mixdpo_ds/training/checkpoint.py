@@ -4,19 +4,27 @@ Layout of `output_dir/checkpoints/`:
 
     step_{N}/engine/...           engine.save_checkpoint(step_{N}, tag="engine") (model, optimizer, lr schedule)
     step_{N}/trainer_state.pt     step, data position, gate + gate optimizer, schedule position, RNG states
+    step_{N}/rng_rank{r}.pt       rank r's Python / NumPy / torch RNG states
+    step_{N}/save.json            {"id": this save's unique id, "previous": id of the checkpoint `latest` named
+                                  when the save began (null: none)}
     latest                        text file: "step_{N}"
 
 A save goes to `.tmp_step_{N}` first; only when every rank has written its files does rank 0 rename it
 to `step_{N}` (os.replace is atomic on one filesystem) and then rewrite `latest` through a temporary
-file + os.replace. A crash at any point leaves the previous checkpoint and its `latest` pointer intact;
-a stale `.tmp_*` directory is ignored and removed by the next save.
+file + os.replace. A crash before the rename leaves the previous checkpoint and its `latest` pointer intact
+(a stale `.tmp_*` directory is ignored and removed by the next save). A crash between the rename and the
+pointer update leaves `latest` one save behind: `find_latest` then takes the complete checkpoint whose
+save.json continues the one `latest` names. Matching ids, not step numbers, keeps a higher-numbered
+checkpoint left over from an abandoned run (resumed from an earlier step into the same directory) out.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,8 @@ import torch
 
 ENGINE_TAG = "engine"
 STATE_FILE = "trainer_state.pt"
+RANK_RNG_FILE = "rng_rank{}.pt"  # every rank's own RNG states (dropout, sampling differ per rank)
+SAVE_FILE = "save.json"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -67,6 +77,18 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _pointed(root: Path) -> Path | None:
+    """The checkpoint directory `latest` names (it may be missing or incomplete), or None without a pointer."""
+    pointer = root / LATEST
+    return root / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _save_info(path: Path | None) -> dict:
+    """A checkpoint's save.json ({} when absent: no checkpoint, or one written before save.json existed)."""
+    f = None if path is None else path / SAVE_FILE
+    return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+
+
 def is_complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / ENGINE_TAG).is_dir()
 
@@ -98,8 +120,11 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
         tmp.mkdir()
     _barrier()
     engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    torch.save(rng_state(), tmp / RANK_RNG_FILE.format(_rank()))
     if _rank() == 0:
         torch.save(trainer_state, tmp / STATE_FILE)
+        previous = _save_info(_pointed(root)).get("id")
+        (tmp / SAVE_FILE).write_text(json.dumps({"id": uuid.uuid4().hex, "previous": previous}))
     _barrier()
     if _rank() == 0:
         if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
@@ -116,15 +141,21 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
-    """The checkpoint named by `latest` if it is complete, else the newest complete one, else None."""
+    """The newest checkpoint of the run, or None when there is no complete one.
+
+    That is the checkpoint `latest` names, unless a later save renamed its directory into place and died before
+    updating `latest`: then the newest complete checkpoint whose save.json continues the one `latest` names.
+    Without a usable pointer (missing, or naming an incomplete directory): the newest complete checkpoint.
+    """
     root = checkpoints_dir(output_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        p = root / pointer.read_text().strip()
-        if is_complete(p):
-            return p
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    found = [p for _, p in list_checkpoints(output_dir)]
+    current = _pointed(root)
+    if current is not None and is_complete(current):
+        current_id = _save_info(current).get("id")
+        after = [p for p in found if current_id is not None and p != current
+                 and _save_info(p).get("previous") == current_id]
+        return after[-1] if after else current
+    return found[-1] if found else None
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
@@ -154,4 +185,16 @@ def load_checkpoint(engine, path: str | Path) -> dict[str, Any]:
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine checkpoint in {path / ENGINE_TAG}")
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of the checkpoint at `path`, without touching the engine (e.g. to check the config)."""
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_rank_rng(path: str | Path) -> None:
+    """Restore this rank's RNG states saved with the checkpoint at `path` (absent in older checkpoints: no-op)."""
+    f = Path(path) / RANK_RNG_FILE.format(_rank())
+    if f.is_file():
+        set_rng_state(torch.load(f, map_location="cpu", weights_only=False))

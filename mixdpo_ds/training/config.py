@@ -114,6 +114,7 @@ class TrainConfig:
                                                       "per group). Heads on a frozen trunk specialise at small lr."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε of the policy's and the gate's optimizers."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear lr warm-up steps."})
     lr_schedule: str = field(default="constant", metadata={"help": f"After warm-up, one of {list(LR_SCHEDULES)}."})
     gradient_clipping: float | None = field(default=None, metadata={"help": "Overrides the engine JSON's "

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from mixdpo_ds.compat import dataset_fingerprint
 from mixdpo_ds.training.data_rows import BadRow, row_texts, truncate_pair
 
 _FORMAT_VERSION = 1  # bump when tokenisation rules change: invalidates reference-logp caches
@@ -133,7 +134,7 @@ def _load_source(path: str, split: str, key: str):
             raise FileNotFoundError(f"{label}: no such file or directory")
         else:
             ds = datasets.load_dataset(path, split=split)
-            source_fp = f"hub:{path}:{ds._fingerprint}"
+            source_fp = f"hub:{path}:{dataset_fingerprint(ds)}"
     except (ValueError, KeyError) as e:
         if str(e).startswith(label):
             raise
@@ -331,7 +332,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask, labels: (2B, T), T = longest prompt + response; rows 0..B-1 are
     prompt + chosen, rows B..2B-1 prompt + rejected, right-padded with `pad_token_id`; labels are the ids on
     response tokens and -100 on prompt and padding. prompt_last_index: (2B,) position of the last prompt
-    token. user_ids, group_ids, index: (B,) long. ref_logps: (B, 2) float32, only if every example has it.
+    token. user_ids, group_ids, index: (B,) long.
     """
     if pad_token_id is None:
         raise ValueError("collate needs a pad_token_id (set tokenizer.pad_token, e.g. to the eos token)")
@@ -344,7 +345,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         ids.append(p + y + [pad_token_id] * pad)
         mask.append([1] * (len(p) + len(y)) + [0] * pad)
         labels.append([-100] * len(p) + y + [-100] * pad)
-    batch = {
+    return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "attention_mask": torch.tensor(mask, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
@@ -353,9 +354,6 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         "group_ids": torch.tensor([ex["group"] for ex in examples], dtype=torch.long),
         "index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long),
     }
-    if all("ref_logps" in ex for ex in examples):
-        batch["ref_logps"] = torch.tensor([ex["ref_logps"] for ex in examples], dtype=torch.float32)
-    return batch
 
 
 def num_batches(n_examples: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:

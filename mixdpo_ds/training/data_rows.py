@@ -1,4 +1,5 @@
-"""One preference row → prompt / response texts → token ids (SPEC §4). Used by `mixdpo_ds.training.data`.
+"""One preference row → prompt / response texts → token ids (docs/ARCHITECTURE.md "Data").
+Used by `mixdpo_ds.training.data`.
 
 Everything here is a pure function of one row (plus the tokenizer); a row that cannot become a
 training pair raises `BadRow(reason, message)`, and `data.py` turns that into an error naming the

@@ -8,7 +8,7 @@ config already says is derived here, in one place, and a JSON that says somethin
     train_batch_size               = micro × accum × world_size
     bf16.enabled                   = (model.dtype == "bf16")
     gradient_clipping              = train.gradient_clipping if set, else the JSON's (which must set it:
-                                     DeepSpeed 0.19.8 silently defaults to 1.0, see DEEPSPEED-NOTES)
+                                     DeepSpeed 0.19.8 silently defaults to 1.0, docs/deepspeed.md §3)
 
 The optimizer and lr schedule are built by the trainer (torch AdamW with one param group per expert, so
 each expert can have its own lr) and handed to `deepspeed.initialize`; a JSON `optimizer` / `scheduler`

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from mixdpo_ds.compat import hf_deepspeed_config_suspended
+
 
 def init_distributed(backend: str | None = None) -> None:
     """Initialise torch.distributed through DeepSpeed once (no-op when already initialised).
@@ -61,18 +63,9 @@ def rank() -> int:
     return torch_dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
 
 
-def local_rank() -> int:
-    """Rank on this node (the launcher's LOCAL_RANK / --local_rank)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def world_size() -> int:
     """Number of data-parallel ranks (1 without a process group)."""
     return torch_dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 def barrier() -> None:
@@ -154,15 +147,6 @@ def shard(global_batch_examples: list[Any], rank: int, world: int) -> list[Any]:
     return global_batch_examples[rank * size : (rank + 1) * size]
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` from rank `src` on every rank (e.g. a run directory name or a resume step)."""
-    if not is_initialized() or world_size() == 1:
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 @contextlib.contextmanager
 def replicated_load():
     """Inside the block, `from_pretrained` builds an ordinary (replicated, unpartitioned) model even while an
@@ -172,11 +156,5 @@ def replicated_load():
     its forward sees empty weights ("'weight' must be 2-D"). Replicating the (frozen, no-optimizer) reference
     costs one model per rank; a second engine without optimizer would shard it (DEEPSPEED-NOTES).
     """
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
+    with hf_deepspeed_config_suspended():
         yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref

@@ -1,4 +1,5 @@
-"""`mixdpo evaluate`: per-pair posterior, gate weights, expert margins and mixture preference (SPEC §6).
+"""`mixdpo evaluate`: per-pair posterior, gate weights, expert margins and mixture preference
+(docs/ARCHITECTURE.md "Public surface").
 
     mixdpo evaluate --run runs/tiny --data tests/data/hh_rlhf_relabeled_sample.jsonl --out runs/tiny/eval.jsonl
 
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 
 from mixdpo_ds.core.losses import mixdpo_loss
+from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs
 from mixdpo_ds.training.config import load_config
 from mixdpo_ds.training.data import collate, load_preference_data
-from mixdpo_ds.training.trainer import MODEL_KEYS, as_pairs
 
 
 def best_matching(confusion: list[list[int]]) -> tuple[int, dict[int, int], str]:

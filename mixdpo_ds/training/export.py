@@ -1,4 +1,5 @@
-"""Export a trained mixture: each expert as a standalone Hugging Face model, plus the gate (SPEC §6 `export/`).
+"""Export a trained mixture: each expert as a standalone Hugging Face model, plus the gate (`export/`,
+docs/ARCHITECTURE.md "Public surface").
 
 Layout of `out_dir` (written to `out_dir.tmp` first, then moved into place with os.replace, so a reader
 never sees half an export):

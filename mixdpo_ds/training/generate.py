@@ -1,4 +1,4 @@
-"""`mixdpo generate`: decode from the mixture of an exported run (SPEC §6).
+"""`mixdpo generate`: decode from the mixture of an exported run (docs/ARCHITECTURE.md "Public surface").
 
     mixdpo generate --run runs/tiny --prompt "Human: hi\n\nAssistant:"                  # z ~ w(x), then π_z
     mixdpo generate --run runs/tiny --prompt "..." --route top1 --max-new-tokens 20     # argmax_k w(x)

@@ -34,12 +34,21 @@ MOEU = f"{MOE},gate.pretrain_steps=300,gate.pretrain_label_column=objective"
 LORA = "experts.kind=lora,experts.lora_r=4,experts.init_noise=0.5,train.export=false"
 GUMBEL = "em.mode=gumbel,em.gumbel.samples=2,train.export=false"  # Gumbel noise: global draws, rank's rows
 EP = "deepspeed.config=zero2,train.micro_batch_size=2,experts.num_experts=4,experts.ep_size=2"
+# grad_accum = 2, micro_batch = 1 on 2 ranks against grad_accum = 1, micro_batch = 4 on 1 rank (the same 4 pairs per
+# optimizer step): the gate's work runs once per optimizer step on the global batch (docs/math.md §9). Settings as
+# in tests/integration/test_grad_accum.py, which explains them.
+GA = ("deepspeed.config=zero0,experts.num_experts=3,experts.init_noise=0.3,experts.trunk=trainable,train.lr=1e-3,"
+      "train.max_steps=3,train.export=false,loss.beta=0.1,gate.lr=0.01,train.adam_epsilon=1e-2")
+GA_MODES = {"gam": "gate.kind=mix", "gar": "gate.kind=mix,em.refresh=true",
+            "gaj": "gate.kind=moe,em.gate_update=joint,em.lambda_global=0.5",
+            "gaa": "gate.kind=moe,em.gate_update=alternate,em.lambda_global=0.5"}
 REFS = [f"ref3:deepspeed.config=zero0,train.micro_batch_size=4,{STEPS}",
         "ref4:deepspeed.config=zero0,train.micro_batch_size=4,experts.num_experts=4,train.max_steps=4",
         f"refm:deepspeed.config=zero0,train.micro_batch_size=4,{MOE},{STEPS}",
         f"refg:deepspeed.config=zero0,train.micro_batch_size=4,{GUMBEL},{STEPS}",
         f"refu:deepspeed.config=zero0,train.micro_batch_size=4,{MOEU},{STEPS}",
-        f"refl:deepspeed.config=zero0,train.micro_batch_size=4,{LORA},{STEPS}"]
+        f"refl:deepspeed.config=zero0,train.micro_batch_size=4,{LORA},{STEPS}",
+        *[f"{name}:{GA},{mode},train.micro_batch_size=4,train.grad_accum=1" for name, mode in GA_MODES.items()]]
 DIST = [f"z2:deepspeed.config=zero2,train.micro_batch_size=2,{STEPS}",
         f"zm:deepspeed.config=zero2,train.micro_batch_size=2,{MOE},{STEPS}",
         f"zg:deepspeed.config=zero2,train.micro_batch_size=2,{GUMBEL},{STEPS}",
@@ -48,8 +57,9 @@ DIST = [f"z2:deepspeed.config=zero2,train.micro_batch_size=2,{STEPS}",
         f"l3:deepspeed.config=zero3,train.micro_batch_size=2,{LORA},{STEPS}",
         f"l2:deepspeed.config=zero2,train.micro_batch_size=2,{LORA},{STEPS}",
         f"ep2:{EP},train.max_steps=4,train.save_every=2,train.keep_last=0",
-        f"ep2r:{EP},train.max_steps=2,train.export=false",  # interrupted after step 2 ...
-        f"ep2r:{EP},train.max_steps=4,train.resume_from=auto"]  # ... and resumed to step 4
+        # resumed from ep2's step-2 checkpoint (same run settings; only the output directory differs) to step 4
+        f"ep2r:{EP},train.max_steps=4,train.export=false,train.resume_from={{out}}/ep2/checkpoints/step_2",
+        *[f"{name}2:{GA},{mode},train.micro_batch_size=1,train.grad_accum=2" for name, mode in GA_MODES.items()]]
 
 
 def _free_port() -> int:
@@ -153,8 +163,22 @@ def test_expert_parallel_matches_dense_and_halves_head_bytes(runs, capsys):
 
 
 def test_expert_parallel_resume_equals_uninterrupted(runs):
-    """ep2r: 2 steps, checkpoint, a new trainer resumes from it to step 4; ep2: 4 steps in one go."""
+    """ep2: 4 steps in one go with a checkpoint at step 2; ep2r: a new trainer resumes from that checkpoint."""
     resumed, straight = _metrics(runs / "ep2r"), _metrics(runs / "ep2")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for r, s in zip(resumed, straight, strict=True):
+    assert [m["step"] for m in resumed] == [3, 4]
+    for r, s in zip(resumed, straight[2:], strict=True):
         assert r["loss"] == s["loss"] and r["policy_loss"] == s["policy_loss"], (r["step"], r["loss"], s["loss"])
+
+
+@pytest.mark.parametrize("name", list(GA_MODES))
+def test_grad_accum_two_ranks_equal_one_big_batch(runs, name):
+    """Mix weights, gate parameters and every trainable policy parameter after 3 steps: 2 ranks × grad_accum 2 ×
+    micro-batch 1 equal 1 rank × micro-batch 4 (≤ 1e-6, fp32)."""
+    import torch
+
+    got, want = torch.load(runs / f"{name}2" / "final_state.pt"), torch.load(runs / name / "final_state.pt")
+    assert got["gate"].keys() == want["gate"].keys() and got["policy"].keys() == want["policy"].keys()
+    for k in want["gate"]:
+        torch.testing.assert_close(got["gate"][k], want["gate"][k], atol=1e-6, rtol=0, msg=f"gate {k}")
+    for n in want["policy"]:
+        torch.testing.assert_close(got["policy"][n], want["policy"][n], atol=1e-6, rtol=0, msg=n)

@@ -3,6 +3,7 @@
     python tests/distributed/trainer_worker.py OUT MODEL NAME:key=val,key=val ...                 # 1 rank
     deepspeed --num_accelerators 2 --no_local_rank tests/distributed/trainer_worker.py OUT MODEL ...
 
+ZeRO-0 runs also write OUT/NAME/final_state.pt (rank 0): the gate's state and every trainable policy parameter.
 Each NAME runs `configs/tiny.yaml` with the given overrides into OUT/NAME. After each run, every rank
 computes the engine's (2B, K) log-probs of a fixed batch of 2 pairs (the in-training log-probs; rank r its
 shard); rank 0 gathers them and writes OUT/NAME/final_logps.pt, which the test compares with the exported
@@ -82,6 +83,9 @@ def run(out: Path, model: str, name: str, overrides: list[str]) -> None:
                                                                   "export_max_diff": export_diff}))
     if mdist.rank() == 0:
         torch.save({"logps": logps, "indices": indices}, run_dir / "final_logps.pt")
+    if cfg.deepspeed.config == "zero0" and mdist.rank() == 0:  # ZeRO-0: every rank holds the full parameters
+        policy = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+        torch.save({"gate": trainer.gate.state_dict(), "policy": policy}, run_dir / "final_state.pt")
     trainer.cleanup()
     mdist.barrier()
 
@@ -94,7 +98,7 @@ def main(argv: list[str]) -> None:
     out, model = Path(argv[0]), argv[1]
     for spec in argv[2:]:
         name, _, rest = spec.partition(":")
-        run(out, model, name, [kv for kv in rest.split(",") if kv])
+        run(out, model, name, [kv.replace("{out}", str(out)) for kv in rest.split(",") if kv])
 
 
 if __name__ == "__main__":

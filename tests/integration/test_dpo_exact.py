@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from mixdpo_ds.training.batch import as_pairs
 from mixdpo_ds.training.config import load_config
 from mixdpo_ds.training.trainer import MixDPOTrainer
 
@@ -46,8 +47,8 @@ def hand_dpo(model_dir: str, policy_state: dict, batch: dict, rpo_alpha: float =
 
 
 def first_step(tiny_gpt2_dir, prefs_jsonl, out, **overrides):
-    """A K = 1 `models` run at its first batch: (trainer, its model, the initial weights, the batch, loss_terms
-    after backward). The caller cleans the trainer up."""
+    """A K = 1 `models` run at its first batch, through the trainer's own step functions: (trainer, its model, the
+    initial weights, the batch, the policy objective after backward, its metrics). The caller cleans up."""
     cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **{
         "experts.kind": "models", "experts.num_experts": 1, "experts.init_noise": 0.5, "loss.beta": BETA,
         "train.max_steps": 1, "train.micro_batch_size": 4, "train.reference": "model", "train.export": False,
@@ -56,22 +57,25 @@ def first_step(tiny_gpt2_dir, prefs_jsonl, out, **overrides):
     trainer.setup()
     model = trainer.engine.module.models[0]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    batch = trainer._next_batch()
+    batch = trainer.next_batch()
     trainer.batch_in_epoch = 0  # a later train() starts from the same first batch
-    res = trainer.loss_terms(batch, step=0)
-    trainer.engine.backward(res.loss)
-    return trainer, model, initial, batch, res
+    out = trainer.policy_forward(batch)
+    policy_logps = as_pairs(out.logps, batch["index"].shape[0])
+    res = trainer.batch_loss(policy_logps, trainer.ref_logps(batch, out), trainer.gate_forward(out, batch))
+    loss, extra = trainer.policy_objective(res, batch, policy_logps)
+    trainer.engine.backward(loss)
+    return trainer, model, initial, batch, loss, {**res.metrics, **extra}
 
 
 @pytest.mark.parametrize("correction", [0, 1])
 def test_k1_equals_hand_dpo(tiny_gpt2_dir, prefs_jsonl, tmp_path, correction):
     out = tmp_path / "k1"
-    trainer, model, initial, batch, res = first_step(tiny_gpt2_dir, prefs_jsonl, out,
-                                                     **{"em.posterior_correction": correction})
+    trainer, model, initial, batch, loss, _ = first_step(tiny_gpt2_dir, prefs_jsonl, out,
+                                                         **{"em.posterior_correction": correction})
     try:
         want_loss, want_grads, _ = hand_dpo(tiny_gpt2_dir, initial, batch)
         assert abs(want_loss.item() - 0.6931) > 1e-3  # a real comparison, not two copies of log 2
-        torch.testing.assert_close(res.loss.detach(), want_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(loss.detach(), want_loss, atol=1e-6, rtol=0)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, want_grads[name], atol=1e-6, rtol=0, msg=name)
             p.grad = None
@@ -87,12 +91,12 @@ def test_k1_equals_hand_dpo(tiny_gpt2_dir, prefs_jsonl, tmp_path, correction):
 def test_k1_rpo_alpha_adds_the_chosen_nll(tiny_gpt2_dir, prefs_jsonl, tmp_path):
     """loss.rpo_alpha = 0.5, K = 1: loss = hand DPO + 0.5 · mean_i (−lp+_i / |y+_i|) (TRL's RPO), gradients included."""
     alpha = 0.5
-    trainer, model, initial, batch, res = first_step(tiny_gpt2_dir, prefs_jsonl, tmp_path / "rpo",
-                                                     **{"loss.rpo_alpha": alpha})
+    trainer, model, initial, batch, loss, metrics = first_step(tiny_gpt2_dir, prefs_jsonl, tmp_path / "rpo",
+                                                               **{"loss.rpo_alpha": alpha})
     try:
         want_loss, want_grads, nll = hand_dpo(tiny_gpt2_dir, initial, batch, rpo_alpha=alpha)
-        torch.testing.assert_close(res.loss.detach(), want_loss, atol=1e-6, rtol=0)
-        assert abs(res.metrics["rpo_nll"].item() - nll.item()) < 1e-5
+        torch.testing.assert_close(loss.detach(), want_loss, atol=1e-6, rtol=0)
+        assert abs(metrics["rpo_nll"].item() - nll.item()) < 1e-5
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, want_grads[name], atol=1e-6, rtol=0, msg=name)
     finally:

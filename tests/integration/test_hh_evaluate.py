@@ -22,7 +22,7 @@ def test_hh_train_evaluate_generate(tiny_gpt2_dir, tmp_path, capsys):
         "data.max_length": 64, "data.max_prompt_length": 40, "experts.num_experts": 2, "train.max_steps": 3,
         "train.eval_every": 2})
     assert [r["step"] for r in rows if "eval/loss" in r] == [2, 3]
-    assert all("eval/resp/mean_1" in r and "eval/accuracy" in r for r in rows if "eval/loss" in r)
+    assert all("eval/resp/mean_1" in r and "eval/rewards/accuracies" in r for r in rows if "eval/loss" in r)
 
     out = tmp_path / "eval" / "hh.jsonl"
     assert cli.main(["evaluate", "--run", str(run), "--data", str(HH), "--out", str(out), "--group-column",
@@ -37,8 +37,12 @@ def test_hh_train_evaluate_generate(tiny_gpt2_dir, tmp_path, capsys):
     assert summary["n"] == len(pairs)
     assert summary["accuracy"] == sum(p["p_mixture"] > 0.5 for p in pairs) / len(pairs)
     assert set(summary["per_group"]) == {"helpful", "harmless"} and len(summary["expert_accuracy"]) == 2
-    # With 2 experts and 2 groups the best of the two matchings is right on at least half the pairs.
-    assert 0.5 <= summary["recovery_accuracy"] <= 1.0 and summary["recovery"]["method"] == "permutations"
+    # Recovery by hand from the per-pair rows: the better of the two expert↔group matchings (identity, swap).
+    groups = ("helpful", "harmless")
+    ids = [(p["expert"], groups.index(p["group"])) for p in pairs]
+    identity = sum(e == g for e, g in ids)
+    assert summary["recovery_accuracy"] == pytest.approx(max(identity, len(ids) - identity) / len(ids))
+    assert summary["recovery"]["method"] == "permutations"
 
     capsys.readouterr()
     prompt = "Human: What is a good book to read?\n\nAssistant:"

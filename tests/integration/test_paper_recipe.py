@@ -79,7 +79,20 @@ def test_all_stages_end_to_end(stand_ins):
     table = paper.evaluate(run, both, str(root / "table.json"), rewards, max_prompts=4, max_new_tokens=6)
     assert set(table) == {"expert 0", "expert 1", "expert 2", "mixture"}
     assert set(table["mixture"]) == set(rewards)
-    assert all(0 <= v["mean"] <= 1 and v["se"] >= 0 for row in table.values() for v in row.values())
+    # expert 0's row by hand: its seeded samples (seed 0 + k) on the first 4 prompts, each reward's mean and
+    # standard error (sample sd / sqrt(4))
+    from transformers import AutoTokenizer
+
+    from mixdpo_ds.apps.sft import sample_responses
+    from mixdpo_ds.training.export import load_expert
+
+    export = f"{run}/export"
+    prompts = [r["prompt"] for r in read_jsonl(both)[:4]]
+    ys = sample_responses(load_expert(export, 0), AutoTokenizer.from_pretrained(f"{export}/expert_0"), prompts, 6, 0)
+    for name, f in rewards.items():
+        vals = np.array([f(p, y) for p, y in zip(prompts, ys, strict=True)])
+        assert table["expert 0"][name]["mean"] == pytest.approx(vals.mean(), abs=1e-12), name
+        assert table["expert 0"][name]["se"] == pytest.approx(vals.std(ddof=1) / 2, abs=1e-12), name
     assert json.load(open(root / "table.json"))["n_prompts"] == 4
     t2 = paper.evaluate(run, both, str(root / "table2.json"), rewards, max_new_tokens=6,
                         by_domain={"movie": "sentiment", "book": "informativeness"})

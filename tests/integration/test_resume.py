@@ -28,7 +28,8 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 STATEFUL = {"experts.num_experts": 2, "gate.kind": "moe", "gate.features": "prompt", "gate.lr": 0.05,
             "em.mode": "gumbel", "train.lr_schedule": "linear", "train.warmup_steps": 1, "train.lr": 1e-2,
             "train.max_steps": 6, "train.log_every": 2}
-COMPARE = ("loss", "policy_loss", "gate_loss", "resp/mean_0", "gate/w_0", "lr", "experts/1/margin")
+COMPARE = ("loss", "policy_loss", "gate_loss", "resp/mean_0", "gate/w_0", "learning_rate", "experts/1/margin",
+           "rewards/accuracies", "grad_norm")
 
 
 def assert_same_steps(a: list[dict], b: list[dict]) -> None:
@@ -64,10 +65,14 @@ def test_resume_equals_uninterrupted(tiny_gpt2_dir, prefs_jsonl, tmp_path):
     assert_same_export(tmp_path / "a", c)
 
 
+STEPS_KILLED = 60  # checkpoints every 2 steps: the kill (0.3 s after the first) lands well before the end
+
+
 def test_sigkill_resumes_from_last_checkpoint(tiny_gpt2_dir, prefs_jsonl, tmp_path):
     out = tmp_path / "killed"
     common = {"train.save_every": 2, "train.keep_last": 2, "experts.num_experts": 2}
-    over = base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **common, **{"train.max_steps": 10_000})
+    # max_steps is part of the run (the lr schedule depends on it): the resumed run must use the same value
+    over = base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **common, **{"train.max_steps": STEPS_KILLED})
     # A fresh single process: drop the rendezvous variables this pytest process may have set for itself.
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
@@ -90,7 +95,7 @@ def test_sigkill_resumes_from_last_checkpoint(tiny_gpt2_dir, prefs_jsonl, tmp_pa
     assert ckpt_step >= 2 and ckpt_step % 2 == 0
 
     cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **common, **{
-        "train.max_steps": ckpt_step + 2, "train.resume_from": "auto"}))
+        "train.max_steps": STEPS_KILLED, "train.resume_from": "auto"}))
     trainer = MixDPOTrainer(cfg)
     trainer.setup()
     try:
@@ -99,6 +104,7 @@ def test_sigkill_resumes_from_last_checkpoint(tiny_gpt2_dir, prefs_jsonl, tmp_pa
     finally:
         trainer.cleanup()
     steps = [r["step"] for r in train_rows(read_rows(out / "metrics.jsonl"))]
-    assert steps == list(range(1, ckpt_step + 3))  # each step logged exactly once across the kill
-    assert (out / "checkpoints" / f"step_{ckpt_step + 2}" / "trainer_state.pt").exists()
+    assert ckpt_step < STEPS_KILLED, "the run finished before the kill: raise STEPS_KILLED"
+    assert steps == list(range(1, STEPS_KILLED + 1))  # each step logged exactly once across the kill
+    assert (out / "checkpoints" / f"step_{STEPS_KILLED}" / "trainer_state.pt").exists()
     assert not list((out / "checkpoints").glob(".tmp_*"))

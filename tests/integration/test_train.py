@@ -15,16 +15,18 @@ from transformers import AutoModelForCausalLM
 
 from mixdpo_ds import cli
 from mixdpo_ds.model.experts import build_policy
+from mixdpo_ds.training.batch import MODEL_KEYS
 from mixdpo_ds.training.config import load_config
 from mixdpo_ds.training.data import collate, load_preference_data
-from mixdpo_ds.training.trainer import MODEL_KEYS
 
 from .conftest import read_rows, train, train_rows
 
 pytestmark = pytest.mark.integration
 
-METRIC_NAMES = ["loss", "mbt/loglik", "elbo", "rewards/chosen", "rewards/rejected", "rewards/margins", "accuracy",
-                "resp/entropy", "gate/entropy", "tokens_per_s", "lr"]
+METRIC_NAMES = ["loss", "policy_loss", "gate_loss", "mbt/loglik", "elbo", "rewards/chosen", "rewards/rejected",
+                "rewards/margins", "rewards/accuracies", "rewards/accuracies_posterior", "logps/chosen",
+                "logps/rejected", "resp/entropy", "gate/entropy", "tokens_per_s", "learning_rate", "grad_norm", "beta",
+                "estep/alpha"]
 
 
 def expected_names(K: int) -> list[str]:

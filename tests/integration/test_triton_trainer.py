@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixdpo_ds.training.batch import as_pairs
 from mixdpo_ds.training.config import load_config
-from mixdpo_ds.training.trainer import MODEL_KEYS, MixDPOTrainer
+from mixdpo_ds.training.trainer import MixDPOTrainer
 
 from .conftest import base_overrides
 
@@ -25,10 +26,10 @@ def first_step(model_dir: str, data: str, out: Path, impl: str, gate: str):
     trainer = MixDPOTrainer(cfg)
     trainer.setup()
     try:
-        batch = trainer._next_batch()
-        out = trainer.engine(**{k: batch[k] for k in MODEL_KEYS})
-        log_w = trainer._gate_logw(out, batch, grad=True)  # as the loop's `joint` gate update
-        res = trainer.loss_terms(batch, step=0, out=out, log_w=log_w)
+        batch = trainer.next_batch()
+        out = trainer.policy_forward(batch)
+        log_w = trainer.gate_forward(out, batch, grad=True)  # policy and gate gradients in one backward
+        res = trainer.batch_loss(as_pairs(out.logps, batch["index"].shape[0]), trainer.ref_logps(batch, out), log_w)
         trainer.engine.backward(res.loss)
         gate = [("gate." + n, p) for n, p in trainer.gate.named_parameters()]
         named = [*trainer.engine.module.named_parameters(), *gate]

@@ -52,6 +52,44 @@ def test_crash_mid_save_keeps_previous(tmp_path):
     assert not (tmp_path / "checkpoints" / ".tmp_step_2").exists()
 
 
+def test_crash_between_rename_and_latest_update_resumes_the_renamed_checkpoint(tmp_path, monkeypatch):
+    """step_2's directory is renamed into place, then the process dies while writing `latest` (still step_1):
+    step_2 is complete and is what resume finds and loads, not the older step_1."""
+    ckpt.save_checkpoint(FakeEngine(1.0), tmp_path, 1, {"step": 1})
+    real_write = ckpt._write_text_atomic
+
+    def killed(path, text):
+        raise KeyboardInterrupt("killed while writing latest")
+
+    monkeypatch.setattr(ckpt, "_write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(FakeEngine(2.0), tmp_path, 2, {"step": 2})
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step_1"  # stale
+    assert ckpt.is_complete(root / "step_2") and not (root / ".tmp_step_2").exists()
+    assert ckpt.find_latest(tmp_path) == root / "step_2"
+    assert ckpt.resolve_resume("auto", tmp_path) == root / "step_2"
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == root / "step_2"
+    engine = FakeEngine()
+    assert ckpt.load_checkpoint(engine, ckpt.resolve_resume("auto", tmp_path)) == {"step": 2} and engine.value == 2.0
+
+    # the resumed run saves on: `latest` moves past both
+    monkeypatch.setattr(ckpt, "_write_text_atomic", real_write)
+    ckpt.save_checkpoint(FakeEngine(3.0), tmp_path, 3, {"step": 3})
+    assert ckpt.find_latest(tmp_path) == root / "step_3"
+
+
+def test_stale_checkpoints_of_an_abandoned_run_are_not_resumed(tmp_path):
+    """A run saved steps 2, 4, 6; it is resumed from step_2 by path into the same directory and saves step_4
+    again: `latest` (step_4) wins over the old, higher step_6, which continued the *old* step_4."""
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint(FakeEngine(step), tmp_path, step, {"step": step})
+    ckpt.save_checkpoint(FakeEngine(40.0), tmp_path, 4, {"step": 4, "branch": "new"})
+    root = tmp_path / "checkpoints"
+    assert ckpt.find_latest(tmp_path) == root / "step_4"
+    assert ckpt.read_trainer_state(ckpt.find_latest(tmp_path)) == {"step": 4, "branch": "new"}
+
+
 def test_latest_pointer_to_missing_dir_falls_back(tmp_path):
     ckpt.save_checkpoint(FakeEngine(), tmp_path, 5, {"step": 5})
     (tmp_path / "checkpoints" / "latest").write_text("step_9")  # e.g. rotated by hand

@@ -23,16 +23,15 @@ def test_collate_by_hand():
     assert b["prompt_last_index"].tolist() == [1, 0, 1, 0]
     assert b["user_ids"].tolist() == [2, -1] and b["group_ids"].tolist() == [-1, 1]
     assert b["index"].tolist() == [10, 11]
-    assert all(v.dtype == torch.long for v in b.values()) and "ref_logps" not in b
+    assert set(b) == {"input_ids", "attention_mask", "labels", "prompt_last_index", "user_ids", "group_ids", "index"}
+    assert all(v.dtype == torch.long for v in b.values())
 
 
-def test_collate_labels_survive_pad_equal_to_eos_and_carry_ref_logps():
+def test_collate_labels_survive_pad_equal_to_eos():
     """pad id = eos id = 1: labels come from lengths, so the real EOS stays a label and padding does not."""
     e0, e1 = ex([5], [7, 1], [8, 1], 0), ex([5], [7, 7, 1], [8, 1], 1)
-    e0["ref_logps"], e1["ref_logps"] = [-1.0, -2.0], [-3.0, -4.0]
     b = collate([e0, e1], pad_token_id=1)
     assert b["labels"][0].tolist() == [-100, 7, 1, -100] and b["input_ids"][0].tolist() == [5, 7, 1, 1]
-    assert b["ref_logps"].tolist() == [[-1.0, -2.0], [-3.0, -4.0]] and b["ref_logps"].dtype == torch.float32
     with pytest.raises(ValueError, match="pad_token_id"):
         collate([e0], None)
 

@@ -6,7 +6,8 @@ import torch
 from _experts_testlib import hf_sequence_logps, make_batch, make_examples, policy_logps
 from transformers import AutoModelForCausalLM
 
-from mixdpo_ds.model.experts import ExpertsConfig, build_policy, sequence_logps
+from mixdpo_ds.model.experts import ExpertsConfig, build_policy
+from mixdpo_ds.model.hf_lm import sequence_logps
 from mixdpo_ds.training.data import collate
 
 KINDS = ["heads", "models", "lora"]
@@ -93,7 +94,6 @@ def test_logps_equal_hand_sum_of_each_expert(tiny_gpt2_dir, kind):
     batch = make_batch(3)
     out = policy_logps(policy, batch)
     assert out.logps.shape == (6, 2) and out.logps.dtype == torch.float32
-    assert out.token_count == int((batch["labels"][:, 1:] != -100).sum())
     for k in range(2):
         torch.testing.assert_close(out.logps[:, k], hf_sequence_logps(policy.expert_model(k), batch),
                                    atol=1e-5, rtol=0)

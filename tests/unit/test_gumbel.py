@@ -37,17 +37,31 @@ def test_gumbel_max_frequencies_match_softmax():
 
 
 def test_gumbel_softmax_by_hand():
-    """ℓ = [0, ln 2], g = [ln 2, 0], τ = 2: (ℓ + g)/τ = [ln 2 / 2, ln 2 / 2] → z = [.5, .5];
-    hard: value one-hot on the first index (ties → first), gradient that of the soft z."""
+    """ℓ = [0, ln 2], g = [ln 2, 0], τ = 2: (ℓ + g)/τ = [ln 2 / 2, ln 2 / 2] → z = [.5, .5]."""
     logits = torch.tensor([[0.0, math.log(2)]], requires_grad=True)
     noise = torch.tensor([[[math.log(2), 0.0]]])
     z, log_z = gumbel_softmax_samples(logits, 2.0, noise)
     torch.testing.assert_close(z, torch.tensor([[[0.5, 0.5]]]))
     torch.testing.assert_close(log_z, torch.full((1, 1, 2), math.log(0.5)))
-    zh, _ = gumbel_softmax_samples(logits, 2.0, noise + torch.tensor([0.0, -1e-3]), hard=True)
+
+
+def test_straight_through_forward_is_one_hot_backward_is_the_soft_gradient():
+    """ℓ = [0, ln 2], g = [ln 2, 0], τ = 2 → z_soft = [.5, .5]; with g = [ln 2, −0.2] the first index wins.
+    Upstream v = [3, −1]: d(v·z)/dℓ = (1/τ) z ⊙ (v − v·z), the softmax Jacobian; with z = softmax([ln 2 / 2,
+    ln 2 / 2 − 0.1]) that is [a, −a], a = z_0 z_1 (v_0 − v_1) / τ = 2 z_0 z_1. The straight-through sample has
+    value one_hot = [1, 0] and exactly this gradient (the one-hot alone would give zero)."""
+    logits = torch.tensor([[0.0, math.log(2)]], requires_grad=True)
+    noise = torch.tensor([[[math.log(2), -0.2]]])
+    v = torch.tensor([3.0, -1.0])
+    zh, _ = gumbel_softmax_samples(logits, 2.0, noise, hard=True)
     torch.testing.assert_close(zh.detach(), torch.tensor([[[1.0, 0.0]]]))
-    (grad,) = torch.autograd.grad(zh[0, 0, 0], logits)
-    assert grad.abs().sum() > 0
+    (g_st,) = torch.autograd.grad((zh * v).sum(), logits)
+    zs, _ = gumbel_softmax_samples(logits, 2.0, noise, hard=False)
+    (g_soft,) = torch.autograd.grad((zs * v).sum(), logits)
+    z0 = 1 / (1 + math.exp(-0.1))  # softmax of [c, c − 0.1]
+    a = 2 * z0 * (1 - z0)
+    torch.testing.assert_close(g_soft, torch.tensor([[a, -a]]))
+    torch.testing.assert_close(g_st, g_soft, atol=0, rtol=0)
 
 
 def test_mc_loss_by_hand():

@@ -173,7 +173,9 @@ def test_k1_equals_dpo(c, eps):
     torch.testing.assert_close(out.resp, torch.ones(B, 1))
     torch.testing.assert_close(out.metrics["rewards/chosen"], chosen.mean())
     torch.testing.assert_close(out.metrics["rewards/rejected"], rejected.mean())
-    torch.testing.assert_close(out.metrics["accuracy"], (chosen > rejected).float().mean())
+    torch.testing.assert_close(out.metrics["rewards/accuracies"], (chosen > rejected).float().mean())  # TRL's
+    torch.testing.assert_close(out.metrics["rewards/accuracies_posterior"], (chosen > rejected).float().mean())
+    torch.testing.assert_close(out.metrics["logps/chosen"], policy[:, 0, 0].mean().detach())
     torch.testing.assert_close(out.gate_loss, torch.tensor(0.0))
 
 
@@ -197,7 +199,7 @@ def test_mixdpo_outputs_and_metrics_by_hand():
     torch.testing.assert_close(m["experts/1/accuracy"], torch.tensor(0.0))
     torch.testing.assert_close(m["gate/entropy"], torch.tensor(math.log(2)))
     torch.testing.assert_close(m["resp/mean_0"], torch.tensor(s))
-    assert {"mbt/loglik", "elbo", "resp/entropy", "rewards/margins", "accuracy", "gate/w_1"} <= set(m)
+    assert {"mbt/loglik", "elbo", "resp/entropy", "rewards/margins", "rewards/accuracies", "gate/w_1"} <= set(m)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())
     # c = 1: m = [1 − lc, −1 − lc] (test_rewards_...) and log σ = logsigmoid(m)
     out1 = mixdpo_loss(policy, ref, log_w, 0.5, posterior_correction=1)
@@ -339,3 +341,26 @@ def test_kl_to_uniform_by_hand():
     resp = torch.zeros(2, 3)
     assert gate_loss(log_w, resp, lambda_global=1.0).item() == pytest.approx(
         kl_to_uniform(log_w.exp().mean(0)).item(), abs=1e-6)
+
+
+def test_training_accuracy_is_the_mixture_prediction_and_does_not_see_the_label():
+    """w = (0.9, 0.1), Δ = (−1, 3) (β = 1, c = 0, reference 0).
+
+    Mixture: P = 0.9σ(−1) + 0.1σ(3) = 0.9·0.26894 + 0.1·0.95257 = 0.33731 < 0.5 → rewards/accuracies = 0.
+    Posterior given the label: q ∝ w σ(Δ) = (0.24205, 0.09526) → q = (0.71759, 0.28241), Σ q Δ = 0.12964 > 0 → 1.
+    Swap chosen and rejected (Δ = (1, −3)): P = 0.9σ(1) + 0.1σ(−3) = 0.66269 → the mixture's accuracy flips to 1,
+    while the posterior one is 1 again: it sees which side won, the mixture prediction does not.
+    """
+    log_w = torch.tensor([[0.9, 0.1]]).log()
+    policy = torch.tensor([[[-1.0, 3.0], [0.0, 0.0]]])
+    out = mixdpo_loss(policy, torch.zeros(1, 2), log_w, 1.0, posterior_correction=0)
+    torch.testing.assert_close(out.metrics["p_mixture"], torch.tensor(0.33731), atol=1e-5, rtol=0)
+    assert out.metrics["rewards/accuracies"].item() == 0.0
+    assert out.metrics["rewards/accuracies_posterior"].item() == 1.0
+    torch.testing.assert_close(out.resp, torch.tensor([[0.71759, 0.28241]]), atol=1e-5, rtol=0)
+    swapped = mixdpo_loss(policy.flip(1), torch.zeros(1, 2), log_w, 1.0, posterior_correction=0)
+    torch.testing.assert_close(swapped.metrics["p_mixture"], torch.tensor(0.66269), atol=1e-5, rtol=0)
+    assert swapped.metrics["rewards/accuracies"].item() == 1.0
+    assert swapped.metrics["rewards/accuracies_posterior"].item() == 1.0
+    # logps/chosen is gate-weighted: 0.9·(−1) + 0.1·3 = −0.6
+    torch.testing.assert_close(out.metrics["logps/chosen"], torch.tensor(-0.6))

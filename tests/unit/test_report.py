@@ -108,12 +108,16 @@ def test_write_report_renders_pngs(tmp_path):
         assert f"({name})" in text
 
 
-def test_gate_confusion_aligns_experts(tmp_path):
-    """Seed conf [[2, 98], [95, 5]]: movie prompts go to expert 1, book to expert 0 → after ordering the columns by
-    each row's argmax the diagonal holds 98/100 and 95/100."""
-    results = [fake_result(0, [0, 1, 2])]
-    report.plot_gate_confusion(results, str(tmp_path / "c.png"))
-    assert (tmp_path / "c.png").exists()
+def test_gate_confusion_aligns_experts():
+    """Seed 0 conf [[2, 98], [95, 5]]: movie prompts go to expert 1, book to expert 0 → columns reordered [1, 0]:
+    [[98, 2], [5, 95]]. Seed 1 [[90, 10], [20, 80]] is already aligned; the sum is [[188, 12], [25, 175]].
+    A seed whose rows share one argmax expert ([[60, 40], [70, 30]]) keeps its expert order."""
+    seed0, seed1 = fake_result(0, [0, 1, 2]), fake_result(1, [0, 1, 2])
+    seed1["moedpo"]["metrics"]["gate_confusion"] = [[90, 10], [20, 80]]
+    assert report.aligned_gate_confusion([seed0]).tolist() == [[98, 2], [5, 95]]
+    assert report.aligned_gate_confusion([seed0, seed1]).tolist() == [[188, 12], [25, 175]]
+    seed1["moedpo"]["metrics"]["gate_confusion"] = [[60, 40], [70, 30]]
+    assert report.aligned_gate_confusion([seed1]).tolist() == [[60, 40], [70, 30]]
 
 
 # ---------------------------------------------------------------------------------------------- sft helpers

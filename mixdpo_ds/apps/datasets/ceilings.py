@@ -122,22 +122,3 @@ def bayes_ceilings(train_rows: list[dict], test_rows: list[dict], cfg: ReviewsCo
         "disagreement": disagreement_matrix(test_rows, cfg).tolist(),
     }
 
-
-def format_ceilings(ceil: dict) -> str:
-    """Markdown: the ceilings per group and the disagreement matrix."""
-    groups = ceil["groups"]
-    lines = ["| ceiling | all | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
-    for key in ("oracle_routed_accuracy", "best_mixture_accuracy", "best_single_reward_accuracy"):
-        vals = ceil[key]
-        lines.append(f"| {key} | {vals['all']:.3f} | " + " | ".join(f"{vals[g]:.3f}" for g in groups) + " |")
-    lines.append("")
-    lines.append(
-        f"recovery: oracle {ceil['oracle_recovery']:.3f} (from the label), with the prompt "
-        f"{ceil['prompt_recovery']:.3f}, chance {ceil['chance_recovery']:.3f}"
-    )
-    lines += ["", "Pairwise label disagreement (expected rate two groups label the same pair differently):", ""]
-    lines.append("| | " + " | ".join(groups) + " |")
-    lines.append("|---|" + "---|" * len(groups))
-    for g, row in zip(groups, ceil["disagreement"], strict=True):
-        lines.append(f"| {g} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
-    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Builders of the trainer's set-up: config -> engine, reference log-probs, a pre-trained gate.
+
+Each takes plain arguments and returns plain objects; `MixDPOTrainer.setup` calls them in order.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mixdpo_ds.model.reference import PolicyReference
+from mixdpo_ds.training.batch import model_inputs
+from mixdpo_ds.training.deepspeed_config import lr_lambda, zero_stage_of
+from mixdpo_ds.training.distributed import replicated_load
+
+log = logging.getLogger("mixdpo_ds")
+
+
+def build_engine(policy, cfg, ds_config: dict, total_steps: int):
+    """The seam for parallelism: policy + run config -> (engine, optimizer, lr_scheduler).
+
+    One AdamW with the policy's param groups (trunk / each expert at its own lr); for `experts.ep_size > 1` the
+    heads go in DeepSpeed's expert-parallel ('moe') groups (model/parallel.py)."""
+    import deepspeed
+
+    t = cfg.train
+    groups = policy.param_groups(t.lr, t.weight_decay)
+    if cfg.experts.ep_size > 1:
+        from mixdpo_ds.model.parallel import check_expert_parallel, moe_param_groups
+
+        check_expert_parallel(cfg.experts.num_experts, cfg.experts.ep_size, zero_stage_of(ds_config),
+                              torch.distributed.get_world_size())
+        groups = moe_param_groups(groups)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_epsilon,
+                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total_steps, t.lr_schedule))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def reference_paths(cfg):
+    """The reference model(s): the K initial checkpoints of `models` experts, else the base model."""
+    if cfg.experts.kind == "models" and cfg.experts.init_paths:
+        return cfg.experts.init_paths
+    return cfg.model.name_or_path
+
+
+def build_reference(cfg, policy, data, zero_stage: int, rank: int, collate, out_dir, dtype):
+    """-> (reference, ref_tables): an object with .logps(batch), or None with precomputed tables {split: (n, 2)}."""
+    from mixdpo_ds.model.reference import FrozenReference, precompute_reference_logps, reference_cache_key
+
+    paths = reference_paths(cfg)
+    # ZeRO-3: the policy's weights exist only inside the engine's forward, so its built-in reference cannot run
+    # (nor run on rank 0 alone for precompute); a replicated FrozenReference does (training/distributed.py).
+    builtin = policy.has_builtin_reference and zero_stage < 3
+    with replicated_load():
+        reference = PolicyReference(policy) if builtin else FrozenReference(
+            paths, dtype, cfg.experts.logprob_impl, cfg.experts.chunk_size)
+    if torch.cuda.is_available():  # precompute on the GPU (the engine would move the policy only later)
+        (policy if builtin else reference).to(f"cuda:{torch.cuda.current_device()}")
+    if cfg.train.reference == "model":
+        return reference, None
+    cache_dir = cfg.train.reference_cache_dir or str(out_dir / "ref_cache")
+    tables = {}
+    for split, examples in (("train", data.train), ("eval", data.eval)):
+        if not examples:
+            continue
+        key = reference_cache_key(paths, data.fingerprint, cfg.data.max_length, cfg.data.max_prompt_length,
+                                  {"dtype": cfg.model.dtype, "split": split})
+        # Rank 0 computes and writes, the others then read its file; under ZeRO-3 a sharded model needs every
+        # rank in every forward, so all compute (each writes the same file atomically).
+        together = zero_stage == 3 and not builtin
+        torch.distributed.barrier()
+        for turn in (0, 1):
+            if split not in tables and (together or (rank == 0) == (turn == 0)):
+                tables[split] = precompute_reference_logps(reference, examples, collate,
+                                                           cfg.train.micro_batch_size, cache_dir, key)
+            torch.distributed.barrier()
+    return None, tables  # the model is not needed any more; dropping it frees its memory
+
+
+def pretrain_gate_on_labels(cfg, engine, gate, examples: list[dict], collate, K: int, device) -> float:
+    """Supervised gate pre-training on the label column (`gate.pretrain_*`); returns its accuracy."""
+    from mixdpo_ds.model.gating import pretrain_gate
+
+    col = cfg.gate.pretrain_label_column
+    if col != cfg.data.group_column:
+        raise ValueError(f"gate.pretrain_label_column={col!r}: only the data.group_column "
+                         f"({cfg.data.group_column!r}) is loaded; set them equal")
+    examples = [ex for ex in examples if ex["group"] >= 0]
+    feats, users = [], []
+    with torch.no_grad():
+        for i in range(0, len(examples), cfg.train.micro_batch_size):
+            batch = collate(examples[i:i + cfg.train.micro_batch_size])
+            out = engine(**model_inputs(batch, device))
+            B = batch["index"].shape[0]
+            feats.append(out.prompt_features[:B].float() if out.prompt_features is not None else None)
+            users.append(batch["user_ids"].to(device))
+    features = torch.cat(feats) if feats and feats[0] is not None else None
+    labels = torch.tensor([ex["group"] for ex in examples], device=device) % K
+    acc = pretrain_gate(gate, features, labels, cfg.gate.pretrain_steps, cfg.gate.lr,
+                        user_ids=torch.cat(users), seed=cfg.train.seed)
+    log.info("gate pre-training on %r: accuracy %.3f", col, acc)
+    return acc

@@ -1,0 +1,52 @@
+"""The resume contract: a resumed run is the run that was checkpointed, or an error naming what changed.
+
+A checkpoint stores the resolved config and the world size. On resume every key that alters the run (the experts,
+gate, EM and loss settings, the data, the model, the batch shape, the world size, max_steps, the schedules, the
+seed) must be unchanged; only the keys in `HARMLESS` (logging, evaluation and checkpoint cadence, outputs) may differ.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Keys that change what is written or how often, never what is trained.
+HARMLESS = frozenset({
+    "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.resume_from",
+    "train.progress_bar", "train.tensorboard", "train.plots", "train.export", "train.eval_batch_size",
+    "train.reference_cache_dir", "train.output_dir",
+})
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_altering_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every run-altering key that differs; configs as `RunConfig.to_dict()`
+    plus a top-level "world_size"."""
+    a, b = flatten(saved), flatten(now)
+    missing = object()
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
+            if k not in HARMLESS and a.get(k, missing) != b.get(k, missing)]
+
+
+def check_resume(saved: dict, now: dict, checkpoint: str | Path) -> None:
+    """Raise ValueError listing each changed run-altering key with both values."""
+    changes = run_altering_changes(saved, now)
+    if changes:
+        lines = "\n".join(f"  {k}: {_show(old)} (checkpoint) -> {_show(new)} (now)" for k, old, new in changes)
+        raise ValueError(f"cannot resume from {checkpoint}: these settings alter the run and differ from the "
+                         f"checkpoint's:\n{lines}\nRestore them, or train into a new train.output_dir (or set "
+                         f"train.resume_from=null there). Keys that may change on resume: {sorted(HARMLESS)}")
+
+
+def _show(v: Any) -> str:
+    return "<absent>" if type(v) is object else repr(v)

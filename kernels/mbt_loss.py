@@ -1,6 +1,6 @@
-"""Triton MBT loss: all of SPEC §1 for one batch, forward and backward, in one kernel launch over (B, 2, K).
+"""Triton MBT loss: all of docs/math.md §2–§6 for one batch, forward and backward, in one kernel launch over (B, 2, K).
 
-Paper: "Mix- and MoE-DPO: A Variational Inference Approach to DPO" (shared/paper); the PyTorch twin and the
+Paper: "Mix- and MoE-DPO: A Variational Inference Approach to DPO" (docs/math.md); the PyTorch twin and the
 formula docstrings are `mixdpo_ds.core.losses` (same signature, same `MixDPOOutput`). Per pair i and expert k:
 
     h± = β (lp± − rp±),  Δ = h+ − h−,  ΔR = LSE_k(log w + h+) − LSE_k(log w + h−)             (eq. 10, 2)

@@ -1,7 +1,7 @@
-"""Mix-DPO / MoE-DPO losses: every formula of SPEC §1 as pure tensor functions.
+"""Mix-DPO / MoE-DPO losses: every formula of docs/math.md §2–§5 and §10 as pure tensor functions.
 
 Paper: "Mix- and MoE-DPO: A Variational Inference Approach to Direct Preference Optimization"
-(shared/paper). Equation numbers are the paper's.
+(Bohne, Polak et al.; docs/math.md). Equation numbers are the paper's.
 
 Symbols (shapes):
     B pairs, K experts; ± = chosen / rejected (index 0 / 1 of the middle axis)
@@ -82,7 +82,7 @@ class MixDPOOutput:
 
 
 def implicit_rewards(policy_logps: Tensor, ref_logps: Tensor, beta: float | Tensor) -> Tensor:
-    """h_ik± = β (lp_ik± − rp_ik±)  (eq. 10 with log Z_k(x) = 0, SPEC §1).
+    """h_ik± = β (lp_ik± − rp_ik±)  (eq. 10 with log Z_k(x) = 0, docs/math.md §2.1).
 
     policy_logps: (B, 2, K); ref_logps: (B, 2) shared reference or (B, 2, K). Returns (B, 2, K).
     """
@@ -131,7 +131,7 @@ def e_step_temperature(lambda_w: float = 1.0, lambda_ent: float = 0.0, lambda_co
     """Effective temperature α of the regularised E-step (Lemma 6).
 
     α = λ_ent − λ_conf + λ_unif + λ_w.
-    NOTE: the paper (and SPEC §1) print α = λ_conf − λ_ent + λ_unif + λ_w, but expanding Lemma 6's own
+    NOTE: the paper prints α = λ_conf − λ_ent + λ_unif + λ_w, but expanding Lemma 6's own
     objective, Σ q ℓ + λ_ent H(q) − λ_conf H(q) − λ_unif KL(q‖U) − λ_w KL(q‖w)
       = Σ q (ℓ + λ_w log w) + (λ_ent − λ_conf + λ_unif + λ_w) H(q) + const,
     whose maximiser on the simplex is softmax((ℓ + λ_w log w) / α) with the α above (λ_ent raises
@@ -268,7 +268,7 @@ def mixdpo_loss(
     resp: Tensor | None = None, mode: str = "exact", gumbel: GumbelConfig | None = None,
     noise: Tensor | None = None, generator: torch.Generator | None = None, tau: float | None = None,
 ) -> MixDPOOutput:
-    """The whole of SPEC §1 for one batch.
+    """The whole of docs/math.md §2–§6 for one batch.
 
     policy_logps: (B, 2, K); ref_logps: (B, 2) or (B, 2, K); log_w: (B, K) or (K,) gate log-weights.
     mode "exact": resp = E-step posterior (or the given ``resp``, e.g. Dirichlet warm-up, used as is);

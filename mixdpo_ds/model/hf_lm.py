@@ -22,7 +22,7 @@ def sequence_logps(hidden: torch.Tensor, heads: torch.Tensor, labels: torch.Tens
 
     Token t predicts labels[t + 1] (the shift of causal LMs); only positions whose shifted label is not -100
     go into `expert_logprobs` as an (N, H) matrix, and the (N, K) token log-probs are summed per row with
-    index_add_ (SPEC §1: lp_k = Σ_t log π_k(y_t | x, y_<t) over response tokens only).
+    index_add_ (docs/math.md §1: lp_k = Σ_t log π_k(y_t | x, y_<t) over response tokens only).
     """
     from mixdpo_ds.kernels import default_impl, expert_logprobs  # lazy: keeps `import experts` light
 
@@ -56,7 +56,7 @@ def disable_dropout(module: nn.Module) -> None:
 def register_heads_for_zero3(module: nn.Module, weights: list[torch.Tensor]) -> None:
     """Let ZeRO-3 gather LM-head weights that `module.forward` reads outside the head's own forward.
 
-    ZeRO-3 materialises a parameter only inside its owning module's forward (DEEPSPEED-NOTES); the `models`,
+    ZeRO-3 materialises a parameter only inside its owning module's forward (docs/deepspeed.md §5); the `models`,
     `lora` and reference paths read `get_output_embeddings().weight` from the enclosing forward, so the weight
     is registered as an external parameter of that module. Only a dict on the module: harmless without ZeRO-3.
     Done when deepspeed is already imported (the trainer imports it before building the policy), so plain

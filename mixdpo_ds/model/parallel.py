@@ -6,7 +6,7 @@ The K expert LM heads (K, V, H) are the big tensor of a `heads` run (K·V·H vs 
     hidden (N_r, H) of rank r's response tokens
       --all-gather within the EP group-->   (Σ_r N_r, H)        backward: sum of grads, own slice
       --K/P local heads, every sequence-->  (P·S, K/P) seq log-probs (index_add_ of token log-probs)
-      --all-to-all (`_AllToAll`)-->         (S, K) rank r's sequences under all K experts
+      --all-to-all (`compat.all_to_all`)--> (S, K) rank r's sequences under all K experts
 
 Communication per step: the response hidden states and the (S, K) table, instead of ZeRO-3's
 all-gather of all K·V·H head weights twice per step.

@@ -79,11 +79,43 @@ class PolicyReference:
                                            batch["labels"].to(device))
 
 
+FULL_HASH_BYTES = 2 << 30  # weight files up to 2 GiB are hashed whole (~1-2 s per GiB)
+_SAMPLE = 1 << 20
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of the file; above FULL_HASH_BYTES, of its size, mtime and three 1 MiB blocks (start, middle, end)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        else:
+            h.update(str(os.stat(path).st_mtime_ns).encode())
+            for offset in (0, size // 2, max(0, size - _SAMPLE)):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """What a model's reference log-probs depend on: for a local directory, a digest of its config and weight files'
+    contents (retraining into the same directory changes it); for a hub name, the name itself."""
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    files = sorted(n for n in os.listdir(name_or_path) if n.endswith((".safetensors", ".bin", ".pt", ".pth"))
+                   or n in ("config.json", "generation_config.json"))
+    return json.dumps({n: _file_digest(os.path.join(name_or_path, n)) for n in files}, sort_keys=True)
+
+
 def reference_cache_key(model_name_or_path: str | Sequence[str], data_fingerprint: str, max_length: int,
                         max_prompt_length: int, extra: dict | str | None = None) -> str:
-    """sha256 hex of everything the cached log-probs depend on (model path(s), data, truncation, `extra`:
-    e.g. dtype, template). Paths are taken as given; pass a content hash in `extra` if a path's weights change."""
-    payload = json.dumps({"model": model_name_or_path, "data": data_fingerprint, "max_length": max_length,
+    """sha256 hex of everything the cached log-probs depend on: the model(s) by content (`model_fingerprint`, so
+    new weights at the same path get a new key), the data, truncation and `extra` (e.g. dtype, split)."""
+    paths = [model_name_or_path] if isinstance(model_name_or_path, str) else list(model_name_or_path)
+    payload = json.dumps({"model": [model_fingerprint(p) for p in paths], "data": data_fingerprint,
+                          "max_length": max_length,
                           "max_prompt_length": max_prompt_length, "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

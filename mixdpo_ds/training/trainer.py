@@ -86,7 +86,7 @@ class MixDPOTrainer:
         ds_config = build_deepspeed_config(cfg.deepspeed.config, t.micro_batch_size, t.grad_accum, self.world,
                                            cfg.model.dtype, cfg.deepspeed.zero_stage, t.gradient_clipping)
         self.zero_stage = zero_stage_of(ds_config)
-        if self.zero_stage == 3:  # must stay alive while from_pretrained runs (docs/deepspeed.md)
+        if self.zero_stage == 3:  # must stay alive while from_pretrained runs (docs/deepspeed.md §4)
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
         dtype = DTYPES[cfg.model.dtype]

@@ -1,4 +1,4 @@
-"""Expert parallelism under the DeepSpeed engine on gloo CPU ranks (issue 5).
+"""Expert parallelism under the DeepSpeed engine on gloo CPU ranks.
 
 ep_size=2 on 2 ranks and on 4 ranks: two SGD(momentum) steps of the expert-parallel model equal the
 dense single-process reference to 1e-6 at ZeRO 0/1/2; checkpoints write one file per expert and

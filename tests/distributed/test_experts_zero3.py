@@ -1,4 +1,4 @@
-"""MixturePolicy under DeepSpeed ZeRO-3 on 2 gloo CPU ranks (SPEC §2, DEEPSPEED-NOTES traps).
+"""MixturePolicy under DeepSpeed ZeRO-3 on 2 gloo CPU ranks (docs/ARCHITECTURE.md "Experts", docs/deepspeed.md §4–§6).
 
 The base model is partitioned at load (`HfDeepSpeedConfig` + from_pretrained), so `build_policy` must gather
 the base head to copy it (heads) and must not deepcopy partitioned params (models), and the `models` kind reads

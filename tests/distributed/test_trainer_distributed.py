@@ -1,4 +1,4 @@
-"""`mixdpo train` (MixDPOTrainer) on 2 CPU ranks under the real `deepspeed` launcher (issue 5).
+"""`mixdpo train` (MixDPOTrainer) on 2 CPU ranks under the real `deepspeed` launcher.
 
 Two launcher starts serve every test (a start costs 15-30 s): one single-process run of the 1-rank ZeRO-0
 references, one 2-rank run of ZeRO-2, ZeRO-3, MoE-DPO gates (one pre-trained, with λ_global) and Gumbel mode at

@@ -108,3 +108,35 @@ def test_sigkill_resumes_from_last_checkpoint(tiny_gpt2_dir, prefs_jsonl, tmp_pa
     assert steps == list(range(1, STEPS_KILLED + 1))  # each step logged exactly once across the kill
     assert (out / "checkpoints" / f"step_{STEPS_KILLED}" / "trainer_state.pt").exists()
     assert not list((out / "checkpoints").glob(".tmp_*"))
+
+
+def test_resume_refuses_a_changed_run_and_allows_harmless_keys(tiny_gpt2_dir, prefs_jsonl, tmp_path):
+    """A changed num_experts (or lr) on resume names the key and both values; logging cadence may change; gate
+    pre-training does not run again on resume (the gate comes from the checkpoint)."""
+    out = tmp_path / "run"
+    run = {"experts.num_experts": 2, "train.max_steps": 2, "train.save_every": 1, "gate.kind": "moe",
+           "gate.pretrain_steps": 5, "gate.pretrain_label_column": "group", "train.export": False}
+    train(tiny_gpt2_dir, prefs_jsonl, out, **run)
+    for key, value, shown in (("experts.num_experts", 3, "2 (checkpoint) -> 3 (now)"),
+                              ("train.lr", 0.5, "0.001 (checkpoint) -> 0.5 (now)")):
+        cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **{
+            **run, key: value, "train.resume_from": "auto"}))
+        trainer = MixDPOTrainer(cfg)
+        with pytest.raises(ValueError, match="cannot resume") as err:
+            trainer.setup()
+        trainer.cleanup()
+        assert f"{key}: {shown}" in str(err.value)
+    import mixdpo_ds.training.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.pretrain_gate_on_labels
+    trainer_module.pretrain_gate_on_labels = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        cfg = load_config(CONFIG, base_overrides(tiny_gpt2_dir, prefs_jsonl, out, **run, **{
+            "train.log_every": 2, "train.resume_from": "auto"}))  # harmless change
+        trainer = MixDPOTrainer(cfg)
+        trainer.setup()
+        assert trainer.step == 2 and calls == []
+        trainer.cleanup()
+    finally:
+        trainer_module.pretrain_gate_on_labels = real

@@ -1,4 +1,4 @@
-"""Symmetry breaking (SPEC §1): K identical heads under a uniform gate stay identical forever; each of
+"""Symmetry breaking (docs/math.md §8): K identical heads under a uniform gate stay identical forever; each of
 experts.init_noise and em.warmup_random_steps makes the responsibilities leave uniform."""
 from __future__ import annotations
 

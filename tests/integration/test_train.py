@@ -160,3 +160,37 @@ def test_other_modes_run(tiny_gpt2_dir, prefs_jsonl, tmp_path, variant):
         assert changed, k
     if variant["gate.kind"] == "moe":
         assert load_file(tmp_path / "run" / "export" / "gate" / "gate.safetensors")["net.weight"].abs().sum() > 0
+
+
+def test_training_accuracy_matches_evaluate_and_does_not_use_the_label(tiny_gpt2_dir, prefs_jsonl, tmp_path):
+    """K = 3 heads on the conflicting two-group data (the same pair judged both ways): the logged
+    `rewards/accuracies` is the mixture prediction, so on the training pairs it equals `mixdpo evaluate`'s mixture
+    accuracy of the same model; the posterior accuracy, which sees the label, is far higher on this data."""
+    import json
+
+    run = tmp_path / "acc"
+    rows = train(tiny_gpt2_dir, prefs_jsonl, run, **{
+        "experts.num_experts": 3, "experts.init_noise": 0.3, "train.max_steps": 12, "train.lr": 3e-2,
+        "train.micro_batch_size": 8, "loss.beta": 0.5, "data.eval_path": prefs_jsonl, "train.eval_batch_size": 48})
+    final_eval = [r for r in rows if "eval/loss" in r][-1]  # the whole training set, after the last step
+    out = tmp_path / "eval.jsonl"
+    assert cli.main(["evaluate", "--run", str(run), "--data", prefs_jsonl, "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert abs(final_eval["eval/rewards/accuracies"] - summary["accuracy"]) <= 1 / 48 + 1e-9, (final_eval, summary)
+    # Each pair appears judged both ways, so a label-free prediction is right on at most one of the two: ≤ 0.5.
+    # The posterior given the label can be right on both, as the old headline accuracy was.
+    assert final_eval["eval/rewards/accuracies"] <= 0.5 + 1e-9
+    assert final_eval["eval/rewards/accuracies_posterior"] > final_eval["eval/rewards/accuracies"] + 0.2
+    last = train_rows(rows)[-1]
+    assert last["rewards/accuracies"] <= 0.5 + 1e-9 < last["rewards/accuracies_posterior"]
+
+
+def test_phase_schedule_changes_beta_and_the_estep_at_its_boundaries(tiny_gpt2_dir, prefs_jsonl, tmp_path):
+    """em.phases=paper over 10 steps (β = 0.4): progress (step − 1)/10 in [0, .3) → α = 2, β; [.3, .7) → α = 0.5;
+    [.7, 1) → α = 1 (λ_conf .5, λ_w 1.5), β/2. The logged β and α are those the step's loss used."""
+    rows = train_rows(train(tiny_gpt2_dir, prefs_jsonl, tmp_path / "ph", **{
+        "em.phases": "paper", "train.max_steps": 10, "loss.beta": 0.4, "train.export": False}))
+    assert [r["estep/alpha"] for r in rows] == pytest.approx([2.0] * 3 + [0.5] * 4 + [1.0] * 3)
+    assert [r["beta"] for r in rows] == pytest.approx([0.4] * 7 + [0.2] * 3)
+    # the E-step temperature acts on q: softened early (α = 2), sharpened in the middle (α = 0.5)
+    assert rows[2]["resp/entropy"] > rows[3]["resp/entropy"]

@@ -1,4 +1,4 @@
-"""Issue 4: the trainer with the Triton kernels (`experts.logprob_impl=triton`, `loss.impl=triton`; under
+"""The trainer with the Triton kernels (`experts.logprob_impl=triton`, `loss.impl=triton`; under
 TRITON_INTERPRET=1 on the CPU) gives the same first-step loss and gradients as the naive PyTorch paths on a tiny
 model: K = 3 heads, Mix-DPO and a MoE gate, same seed and batch."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Kernel tests run the Triton kernels under the interpreter on CPU (SPEC §3).
+"""Kernel tests run the Triton kernels under the interpreter on CPU (docs/deepspeed.md §11).
 
 `@triton.jit` picks interpreter or compiler when the decorator runs, which happens at import: for our kernels
 (mixdpo_ds.kernels imports its Triton modules lazily, on the first impl="triton" call, so setting

@@ -1,4 +1,4 @@
-"""Hand-computed tests of every SPEC §1 formula in mixdpo_ds.core.losses (exact E-step path)."""
+"""Hand-computed tests of every docs/math.md §2–§5 formula in mixdpo_ds.core.losses (exact E-step path)."""
 
 import math
 

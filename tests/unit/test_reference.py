@@ -80,6 +80,27 @@ def test_cache_key_depends_on_every_input():
         assert reference_cache_key(*other) != key
 
 
+def test_cache_key_follows_the_weights_not_the_path(tiny_gpt2_dir, tmp_path):
+    """Retraining a model into the same directory (new weights, same path, same shapes) gives a new key; an
+    identical copy at another path gives the same key."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, model)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_gpt2_dir, copy)
+    key = reference_cache_key(str(model), "fp", 64, 32, None)
+    assert reference_cache_key(str(copy), "fp", 64, 32, None) == key
+    weights = model / "model.safetensors"
+    state = load_file(weights)
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3  # "retrained": same file name, same size, same tensors' shapes
+    save_file(state, weights, metadata={"format": "pt"})
+    assert reference_cache_key(str(model), "fp", 64, 32, None) != key
+
+
 def test_precompute_equals_on_the_fly_and_is_reused(tiny_gpt2_dir, tmp_path):
     """Rows are placed by example["index"] (given out of order here), and a second call reads the file."""
     ref = FrozenReference(tiny_gpt2_dir, logprob_impl="naive")

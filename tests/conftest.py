@@ -12,7 +12,8 @@ import pytest
 import torch
 
 # Triton picks interpreter or compiler when `triton` is first imported (deepspeed imports it), so this must run
-# before any test module is collected: on a CPU-only machine the kernels run under the interpreter (docs/deepspeed.md §11).
+# before any test module is collected: on a CPU-only machine the kernels run under the interpreter
+# (docs/deepspeed.md §11).
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from mixdpo_ds.apps.tiny import build_tiny_model, build_tiny_tokenizer

@@ -98,12 +98,12 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
+    out = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name.startswith(".old_")):  # step_N before .old_step_N
+        m = _STEP_RE.match(p.name.removeprefix(".old_"))
         if m and p.is_dir() and is_complete(p):
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+            out.setdefault(int(m.group(1)), p)  # .old_step_N: a re-save moved it aside and crashed before the end
+    return sorted(out.items())
 
 
 def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
@@ -127,10 +127,13 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
         (tmp / SAVE_FILE).write_text(json.dumps({"id": uuid.uuid4().hex, "previous": previous}))
     _barrier()
     if _rank() == 0:
-        if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-            shutil.rmtree(final)
+        aside = root / f".old_{final.name}"
+        if final.exists():  # re-saving the same step: move the old copy aside, never delete the only good one first
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep_last > 0:
             for _, old in list_checkpoints(output_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

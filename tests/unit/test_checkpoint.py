@@ -114,3 +114,30 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(2))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_resaving_a_step_never_deletes_the_only_good_copy(tmp_path, monkeypatch):
+    """keep_last=1, step 2 saved, then saved again (the final save after a periodic one): a crash after the old
+    copy is moved aside and before the new one is in place still leaves step 2 to resume from."""
+    ckpt.save_checkpoint(FakeEngine(1.0), tmp_path, 1, {"step": 1}, keep_last=1)
+    ckpt.save_checkpoint(FakeEngine(2.0), tmp_path, 2, {"step": 2}, keep_last=1)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]  # the only copy
+    real_replace = ckpt.os.replace
+
+    def crash_on_new_copy(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise KeyboardInterrupt("killed between moving the old copy aside and renaming the new one")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_new_copy)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(FakeEngine(2.5), tmp_path, 2, {"step": 2, "again": True}, keep_last=1)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    found = ckpt.resolve_resume("auto", tmp_path)
+    assert found is not None and found.name == ".old_step_2"
+    engine = FakeEngine()
+    assert ckpt.load_checkpoint(engine, found) == {"step": 2} and engine.value == 2.0
+    # a finished re-save leaves one step_2 and nothing aside
+    ckpt.save_checkpoint(FakeEngine(2.5), tmp_path, 2, {"step": 2, "again": True}, keep_last=1)
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step_2"]
+    assert not (tmp_path / "checkpoints" / ".old_step_2").exists()

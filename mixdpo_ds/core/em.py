@@ -105,7 +105,8 @@ class EMConfig:
     phases: list[dict] | str | None = field(
         default=None,
         metadata={"help": "Regulariser phases (list of Phase fields), 'paper' for the E.1 default, or null "
-                          "for the fixed estep / lambda_global."})
+                          "for the fixed estep / lambda_global.",
+                  "items": Phase})  # the run config type-checks each phase mapping against Phase's fields
     label_smoothing: float = field(default=0.0, metadata={"help": "ε of conservative DPO, in [0, 0.5)."})
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mixdpo_ds.model.hf_lm import disable_dropout, head_weight, register_heads_for_zero3, sequence_logps, trunk_hidden
+
+log = logging.getLogger("mixdpo_ds")
 
 
 class FrozenReference(nn.Module):
@@ -141,7 +144,10 @@ def precompute_reference_logps(reference, examples: Sequence[dict], collate_fn: 
     """
     path = cache_path(cache_dir, key) if cache_dir and key else None
     if path and os.path.exists(path):
-        return load_file(path)["ref_logps"]
+        try:
+            return load_file(path)["ref_logps"]
+        except Exception as e:  # truncated or corrupt (e.g. a crash of another writer's disk): recompute it
+            log.warning("reference cache %s is unreadable (%s: %s); recomputing it", path, type(e).__name__, e)
     num_examples = max(int(ex["index"]) for ex in examples) + 1
     result = None
     for start in range(0, len(examples), batch_size):

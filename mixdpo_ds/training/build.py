@@ -16,6 +16,26 @@ from mixdpo_ds.training.distributed import replicated_load
 log = logging.getLogger("mixdpo_ds")
 
 
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next `step()` can be skipped outright (no parameter or moment changes): how a step with a
+    non-finite loss or gradient is dropped under `train.nonfinite=skip` (training/guard.py)."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def skippable_adamw(optimizer) -> SkippableAdamW:
+    """Our AdamW inside whatever DeepSpeed wrapped it in (ZeRO-0 fp32 returns it as is; bf16 wraps it)."""
+    while not isinstance(optimizer, SkippableAdamW):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def build_engine(policy, cfg, ds_config: dict, total_steps: int):
     """The seam for parallelism: policy + run config -> (engine, optimizer, lr_scheduler).
 
@@ -31,8 +51,8 @@ def build_engine(policy, cfg, ds_config: dict, total_steps: int):
         check_expert_parallel(cfg.experts.num_experts, cfg.experts.ep_size, zero_stage_of(ds_config),
                               torch.distributed.get_world_size())
         groups = moe_param_groups(groups)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_epsilon,
-                                  weight_decay=t.weight_decay)
+    optimizer = SkippableAdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_epsilon,
+                               weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total_steps, t.lr_schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)

@@ -119,12 +119,18 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-    torch.save(rng_state(), tmp / RANK_RNG_FILE.format(_rank()))
-    if _rank() == 0:
-        torch.save(trainer_state, tmp / STATE_FILE)
-        previous = _save_info(_pointed(root)).get("id")
-        (tmp / SAVE_FILE).write_text(json.dumps({"id": uuid.uuid4().hex, "previous": previous}))
+    try:
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        torch.save(rng_state(), tmp / RANK_RNG_FILE.format(_rank()))
+        if _rank() == 0:
+            torch.save(trainer_state, tmp / STATE_FILE)
+            previous = _save_info(_pointed(root)).get("id")
+            (tmp / SAVE_FILE).write_text(json.dumps({"id": uuid.uuid4().hex, "previous": previous}))
+    except (OSError, RuntimeError) as e:  # a full disk shows as torch's bare "basic_ios::clear: iostream error"
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        raise OSError(f"writing checkpoint {tmp} failed ({type(e).__name__}: {e}); {free / 2**20:.0f} MiB free on "
+                      f"that filesystem. The previous checkpoint is intact; free space (or lower train.keep_last) "
+                      f"and resume with train.resume_from=auto") from e
     _barrier()
     if _rank() == 0:
         aside = root / f".old_{final.name}"
@@ -201,3 +207,12 @@ def load_rank_rng(path: str | Path) -> None:
     f = Path(path) / RANK_RNG_FILE.format(_rank())
     if f.is_file():
         set_rng_state(torch.load(f, map_location="cpu", weights_only=False))
+
+
+def resume_candidates(output_dir: str | Path, first: str | Path) -> list[Path]:
+    """`first`, then the older complete checkpoints of output_dir, newest first: the fallbacks of a damaged one."""
+    first = Path(first)
+    step = _STEP_RE.match(first.name.removeprefix(".old_"))
+    older = [p for s, p in reversed(list_checkpoints(output_dir))
+             if p != first and (step is None or s < int(step.group(1)))]
+    return [first, *older]

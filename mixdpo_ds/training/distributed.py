@@ -13,9 +13,11 @@ Works without a launcher (world size 1: MASTER_ADDR/PORT, RANK, WORLD_SIZE get d
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,8 +26,25 @@ import torch.distributed as torch_dist
 from mixdpo_ds.compat import hf_deepspeed_config_suspended
 
 
-def init_distributed(backend: str | None = None) -> None:
+def shm_buffer_path() -> str:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for this rank (docs/deepspeed.md §13):
+    deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{RANK}."""
+    env = os.environ
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}")
+
+
+def _remove_shm_buffer(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # other ranks' existing mappings stay valid; the name is what leaks
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
     """Initialise torch.distributed through DeepSpeed once (no-op when already initialised).
+
+    `timeout_s` bounds every collective: a rank that stops answering (a frozen or killed peer) makes the others
+    fail with a timeout error after that many seconds instead of waiting forever. The process removes its own
+    DeepSpeed shm all-reduce buffer at exit (DeepSpeed never does; a SIGKILLed process still leaves its file).
 
     Under srun (no launcher) SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give RANK / WORLD_SIZE / LOCAL_RANK
     (MASTER_ADDR / MASTER_PORT come from the sbatch script). Defaults for a plain `python ...` run: RANK=0,
@@ -51,7 +70,8 @@ def init_distributed(backend: str | None = None) -> None:
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     if backend is None:
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+    atexit.register(_remove_shm_buffer, shm_buffer_path())
 
 
 def is_initialized() -> bool:

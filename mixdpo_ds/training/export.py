@@ -40,6 +40,27 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
         shutil.rmtree(old)
 
 
+def export_from_engine(module, gate, out, tokenizer, user_vocab, zero_stage: int, rank: int):
+    """The trainer's export; every rank calls it. Expert parallel: the K heads are gathered first. ZeRO-3: the
+    full weights are gathered on every rank and written by rank 0. The standalone expert models are built on rank
+    0 alone, never under zero.Init (`replicated_load`)."""
+    from mixdpo_ds.model.parallel import dense_policy
+    from mixdpo_ds.training.distributed import replicated_load
+
+    policy = dense_policy(module)
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+            if rank == 0:
+                with replicated_load():
+                    export_experts(policy, gate, str(out), tokenizer, user_vocab=user_vocab)
+    elif rank == 0:
+        export_experts(policy, gate, str(out), tokenizer, user_vocab=user_vocab)
+    torch.distributed.barrier()
+    return out
+
+
 def export_experts(policy: MixturePolicy, gate, out_dir: str, tokenizer=None, compact: bool = False,
                    user_vocab: dict | None = None) -> str:
     """Write the K experts (and the gate, when given) under out_dir atomically; returns out_dir."""

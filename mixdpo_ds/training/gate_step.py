@@ -49,6 +49,7 @@ class StepRecord:
     """One optimizer step: its micro-batches in order, the gate step's metrics, the step's merged metrics."""
 
     warm: bool
+    skipped: bool = False  # a non-finite loss or gradient dropped this step (training/guard.py)
     lambda_global: float = 0.0  # λ_global of the step's phase
     gate_noise: Tensor | None = None  # (L, G·b, K) fresh Gumbel noise for the `alternate` gate E-step
     micro: list[MicroRecord] = field(default_factory=list)

@@ -6,14 +6,20 @@ seed) must be unchanged; only the keys in `HARMLESS` (logging, evaluation and ch
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+
+from mixdpo_ds.training import checkpoint as ckpt
+from mixdpo_ds.training.guard import all_ranks_true
+
+log = logging.getLogger("mixdpo_ds")
 
 # Keys that change what is written or how often, never what is trained.
 HARMLESS = frozenset({
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.resume_from",
     "train.progress_bar", "train.tensorboard", "train.plots", "train.export", "train.eval_batch_size",
-    "train.reference_cache_dir", "train.output_dir",
+    "train.reference_cache_dir", "train.output_dir", "train.dist_timeout_s", "train.nonfinite",
 })
 
 
@@ -50,3 +56,30 @@ def check_resume(saved: dict, now: dict, checkpoint: str | Path) -> None:
 
 def _show(v: Any) -> str:
     return "<absent>" if type(v) is object else repr(v)
+
+
+def load_newest_intact(engine, out_dir: str | Path, first: str | Path, identity: dict) -> tuple[Path, dict]:
+    """Load the newest intact checkpoint from `first` down -> (its path, the trainer state). A damaged one (an
+    unreadable trainer state or engine file) is named in a warning, skipped and the next older one tried; a config
+    that alters the run is refused (`check_resume`), never skipped. Every rank takes the same decision."""
+    for path in ckpt.resume_candidates(out_dir, first):
+        state, err = None, None
+        try:
+            state = ckpt.read_trainer_state(path)
+        except Exception as e:  # truncated / unreadable: whatever the reader raises
+            err = e
+        if all_ranks_true(err is None, "cpu"):
+            check_resume(state["run"], identity, path)
+            try:
+                ckpt.load_checkpoint(engine, path)
+            except Exception as e:
+                err = e
+        if not all_ranks_true(err is None, "cpu"):
+            log.warning("checkpoint %s is damaged (%s); trying the previous one", path,
+                        f"{type(err).__name__}: {err}" if err else "on another rank")
+            continue
+        ckpt.load_rank_rng(path)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return Path(path), state
+    raise RuntimeError(f"no intact checkpoint to resume from in {ckpt.checkpoints_dir(out_dir)} (each one failed to "
+                       "load, see the warnings); set train.resume_from=null to start over")

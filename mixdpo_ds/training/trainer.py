@@ -34,15 +34,17 @@ from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training import checkpoint as ckpt
 from mixdpo_ds.training.batch import as_pairs, model_inputs
-from mixdpo_ds.training.build import build_engine, build_reference, pretrain_gate_on_labels
+from mixdpo_ds.training.build import build_engine, build_reference, pretrain_gate_on_labels, skippable_adamw
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
 from mixdpo_ds.training.data import batches, collate, load_preference_data, num_batches
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
+from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
 from mixdpo_ds.training.metrics import MetricAccumulator, MetricsLogger, plot_metrics
-from mixdpo_ds.training.resume import check_resume
+from mixdpo_ds.training.resume import load_newest_intact
+from mixdpo_ds.training.run_dir import finished_step, mark_finished, take_lock
 
 log = logging.getLogger("mixdpo_ds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -67,8 +69,9 @@ class MixDPOTrainer:
         from mixdpo_ds.model.gating import build_gate
 
         cfg, t, em = self.cfg, self.cfg.train, self.cfg.em
-        init_distributed()
+        init_distributed(timeout_s=t.dist_timeout_s)
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self._lock = take_lock(self.out_dir, self.rank)
         torch.manual_seed(t.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
         if self.tokenizer.pad_token_id is None:
@@ -106,19 +109,19 @@ class MixDPOTrainer:
         self.cpu_gen = torch.Generator().manual_seed(t.seed + 1)  # Dirichlet warm-up
         self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise
         self._warn_config()
+        self.guard, self.divergence = NonFiniteGuard(t.nonfinite, self.zero_stage, self.device), DivergenceWatch()
 
         resume = ckpt.resolve_resume(t.resume_from, self.out_dir)
         self.acc = MetricAccumulator()
         if resume is None and cfg.gate.pretrain_steps > 0:  # on resume the gate comes from the checkpoint
             pretrain_gate_on_labels(cfg, self.engine, self.gate, self.data.train, self._collate, self.K, self.device)
         if resume is not None:
-            check_resume(ckpt.read_trainer_state(resume)["run"], self._run_identity(), resume)
-            self._load_state(ckpt.load_checkpoint(self.engine, resume))
-            ckpt.load_rank_rng(resume)
-            log.info("resumed from %s at step %d", resume, self.step)
-        self.logger = MetricsLogger(self.out_dir, t.tensorboard, enabled=self.rank == 0,
+            resume, state = load_newest_intact(self.engine, self.out_dir, resume, self._run_identity())
+            self._load_state(state)
+        self.finished = resume is not None and self.step == self.total_steps == finished_step(self.out_dir)
+        self.logger = MetricsLogger(self.out_dir, t.tensorboard, enabled=self.rank == 0 and not self.finished,
                                     truncate_after=self.step if resume is not None else None)
-        if self.rank == 0:
+        if self.rank == 0 and not self.finished:
             self.cfg.to_yaml(self.out_dir / "config.yaml")
 
     def _run_identity(self) -> dict:
@@ -192,13 +195,17 @@ class MixDPOTrainer:
         nll = chosen_nll(policy_logps, (batch["labels"][:B] != -100).sum(1).to(self.device), res.resp)
         return res.policy_loss + alpha * nll, {"rpo_nll": nll.detach()}
 
-    def policy_m_step(self, loss: torch.Tensor, boundary: bool) -> torch.Tensor | None:
-        """Backward through the engine; at the accumulation boundary the optimizer steps. -> grad norm there."""
+    def policy_m_step(self, loss: torch.Tensor, boundary: bool, record: StepRecord) -> torch.Tensor | None:
+        """Backward through the engine; at the accumulation boundary the optimizer steps. -> grad norm there.
+        A step marked `skipped` (training/guard.py) runs no optimizer update."""
         self.engine.backward(loss)
         norm = None
         if boundary and self.zero_stage == 0:  # ZeRO-0 keeps the (already all-reduced) gradients in p.grad
             grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else None
+            record.skipped |= not self.guard.grad_norm_ok(norm, self.step)
+        if boundary and record.skipped:
+            skippable_adamw(self.optimizer).skip_next = True  # parameters and AdamW moments stay as they are
         self.engine.step()
         if boundary and norm is None and self.engine.get_global_grad_norm() is not None:
             norm = torch.as_tensor(float(self.engine.get_global_grad_norm()))
@@ -239,7 +246,10 @@ class MixDPOTrainer:
             res = self.batch_loss(policy_logps, ref_logps, log_w, resp=None if resp_all is None else resp_all[rows],
                                   noise=None if noise_all is None else noise_all[:, rows])
             loss, extra = self.policy_objective(res, batch, policy_logps)
-            norm = self.policy_m_step(loss, boundary=micro == G - 1)
+            if not self.guard.loss_ok(loss, self.step, micro, batch):  # (skip mode) the step will be dropped
+                zero = sum((p * 0).sum() for p in self.engine.module.parameters() if p.requires_grad)
+                record.skipped, loss = True, zero  # a finite zero gradient keeps the engine's micro-steps in order
+            norm = self.policy_m_step(loss, boundary=micro == G - 1, record=record)
             feats = out.prompt_features[:B].float() if out.prompt_features is not None else None
             record.micro.append(MicroRecord(
                 batch, feats, policy_logps.detach(), ref_logps, log_w.clone(), res.resp, res.margins.detach(),
@@ -248,7 +258,8 @@ class MixDPOTrainer:
         if gate_noise is not None:
             gate_noise = gate_noise[:, torch.cat([self._rows(j, B) for j in range(G)])]
         record.gate_noise = gate_noise
-        record.gate_metrics = self.gate_step.step(record, self._refresh_forward, self.batch_loss)
+        if not record.skipped:
+            record.gate_metrics = self.gate_step.step(record, self._refresh_forward, self.batch_loss)
         record.metrics = self._step_metrics(record, norm)
         return record
 
@@ -281,6 +292,10 @@ class MixDPOTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not t.progress_bar,
                    desc="mixdpo", dynamic_ncols=True)
         self.callbacks.on_train_begin(self)
+        if self.finished:  # the same run, already trained and exported: nothing to do, nothing rewritten
+            log.info("%s holds a finished run (step %d of %d): nothing to train", self.out_dir, self.step,
+                     self.total_steps)
+            return
         tokens, t0 = 0, time.perf_counter()
         self.engine.train()
         while self.step < self.total_steps:
@@ -289,12 +304,15 @@ class MixDPOTrainer:
             self.step += 1
             if self.gate_step.scheduler is not None:  # in step with the engine's lr schedule, warm-up included
                 self.gate_step.scheduler.step()
-            self.acc.add(record.metrics)
+            if record.skipped:
+                self.guard.skip_step()
+            else:
+                self.acc.add(record.metrics)
             self.callbacks.on_step_end(self, self.step, record)
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 metrics = self.log_metrics(tokens, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 tokens, t0 = 0, time.perf_counter()
             paused = time.perf_counter()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
@@ -314,6 +332,8 @@ class MixDPOTrainer:
         metrics["tokens_per_s"] = tokens * self.world / max(elapsed, 1e-9)
         metrics["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
         metrics["epoch"] = self.epoch + self.batch_in_epoch / self.batches_per_epoch
+        metrics["nonfinite/skipped_steps"] = self.guard.skipped
+        self.divergence.update(self.step, metrics.get("loss", math.nan), metrics["learning_rate"])
         self.logger.log(self.step, metrics)
         self.callbacks.on_log(self, self.step, metrics)
         return metrics
@@ -372,29 +392,19 @@ class MixDPOTrainer:
             self.export()
         if self.rank == 0 and t.plots:
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
+        if self.rank == 0:
+            mark_finished(self.out_dir, self.step)
 
-    def export(self) -> Path | None:
-        from mixdpo_ds.model.parallel import dense_policy
-        from mixdpo_ds.training.export import export_experts
+    def export(self) -> Path:
+        from mixdpo_ds.training.export import export_from_engine
 
-        out = self.out_dir / "export"
-        policy = dense_policy(self.engine.module)  # expert parallel: gather the K heads (every rank calls it)
-        # replicated_load: the standalone expert models are built on rank 0 alone, never under zero.Init
-        if self.zero_stage == 3:  # gather the full weights on every rank, write on rank 0
-            import deepspeed
-
-            from mixdpo_ds.training.distributed import replicated_load
-            with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    with replicated_load():
-                        export_experts(policy, self.gate, str(out), self.tokenizer, user_vocab=self.data.user_vocab)
-        elif self.rank == 0:
-            export_experts(policy, self.gate, str(out), self.tokenizer, user_vocab=self.data.user_vocab)
-        torch.distributed.barrier()
-        return out
+        return export_from_engine(self.engine.module, self.gate, self.out_dir / "export", self.tokenizer,
+                                  self.data.user_vocab, self.zero_stage, self.rank)
 
     def cleanup(self) -> None:
         if getattr(self, "logger", None) is not None:
             self.logger.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
         self.engine = self.optimizer = self.reference = None
         self._hf_ds_config = None  # else later from_pretrained calls in this process would still shard (ZeRO-3)

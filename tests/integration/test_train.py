@@ -194,3 +194,53 @@ def test_phase_schedule_changes_beta_and_the_estep_at_its_boundaries(tiny_gpt2_d
     assert [r["beta"] for r in rows] == pytest.approx([0.4] * 7 + [0.2] * 3)
     # the E-step temperature acts on q: softened early (α = 2), sharpened in the middle (α = 0.5)
     assert rows[2]["resp/entropy"] > rows[3]["resp/entropy"]
+
+
+def test_callbacks_see_every_step_and_the_alternate_gate_trains_past_its_pretraining(tiny_gpt2_dir, prefs_jsonl,
+                                                                                     tmp_path):
+    """A callback snapshots the MoE gate after its pre-training (on_train_begin) and sees every step's record
+    (responsibilities, gate weights, metrics), every log and save; `alternate` then moves the gate off that point."""
+    from mixdpo_ds.training.callbacks import TrainerCallback
+    from mixdpo_ds.training.config import load_config
+    from mixdpo_ds.training.trainer import MixDPOTrainer
+
+    from .conftest import base_overrides
+
+    class Spy(TrainerCallback):
+        def __init__(self):
+            self.events, self.gate_after_pretraining = [], None
+
+        def on_train_begin(self, trainer):
+            self.gate_after_pretraining = {k: v.clone() for k, v in trainer.gate.state_dict().items()}
+
+        def on_step_end(self, trainer, step, record):
+            resp, log_w = record.cat("resp"), record.cat("log_w")
+            assert resp.shape == log_w.shape == (8, 2) and torch.allclose(resp.sum(-1), torch.ones(8))
+            self.events.append(("step", step, float(record.metrics["loss"])))
+
+        def on_log(self, trainer, step, metrics):
+            self.events.append(("log", step, metrics["loss"]))
+
+        def on_save(self, trainer, step, path):
+            self.events.append(("save", step, path.name))
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    cfg = load_config(config, base_overrides(tiny_gpt2_dir, prefs_jsonl, tmp_path / "cb", **{
+        "experts.num_experts": 2, "gate.kind": "moe", "gate.features": "prompt+user", "em.gate_update": "alternate",
+        "gate.pretrain_steps": 20, "gate.pretrain_label_column": "group", "gate.lr": 0.05, "train.max_steps": 3,
+        "train.micro_batch_size": 4, "train.grad_accum": 2, "train.save_every": 2, "train.export": False}))
+    spy = Spy()
+    trainer = MixDPOTrainer(cfg, callbacks=[spy])
+    trainer.setup()
+    try:
+        trainer.train()
+        after = trainer.gate.state_dict()
+    finally:
+        trainer.cleanup()
+    assert [e[:2] for e in spy.events if e[0] == "step"] == [("step", 1), ("step", 2), ("step", 3)]
+    assert [e[1] for e in spy.events if e[0] == "log"] == [1, 2, 3]
+    assert [e[2] for e in spy.events if e[0] == "save"] == ["step_2", "step_3"]
+    steps = {e[1]: e[2] for e in spy.events if e[0] == "step"}
+    assert all(abs(steps[e[1]] - e[2]) < 1e-6 for e in spy.events if e[0] == "log")  # log_every=1: the same loss
+    moved = [k for k in after if not torch.equal(after[k], spy.gate_after_pretraining[k])]
+    assert "net.weight" in moved, moved

@@ -141,3 +141,18 @@ def test_resaving_a_step_never_deletes_the_only_good_copy(tmp_path, monkeypatch)
     ckpt.save_checkpoint(FakeEngine(2.5), tmp_path, 2, {"step": 2, "again": True}, keep_last=1)
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step_2"]
     assert not (tmp_path / "checkpoints" / ".old_step_2").exists()
+
+
+def test_a_failed_write_names_the_checkpoint_and_free_space(tmp_path, monkeypatch):
+    """A full disk (torch.save raising the bare 'basic_ios::clear: iostream error') names the path."""
+    ckpt.save_checkpoint(FakeEngine(1.0), tmp_path, 1, {"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"writing checkpoint .*\.tmp_step_2 failed \(RuntimeError: basic_ios") as err:
+        ckpt.save_checkpoint(FakeEngine(2.0), tmp_path, 2, {"step": 2})
+    assert "MiB free" in str(err.value)
+    monkeypatch.undo()
+    assert ckpt.find_latest(tmp_path) == tmp_path / "checkpoints" / "step_1"

@@ -91,3 +91,81 @@ def test_to_yaml_round_trip(tmp_path):
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name, ["model.name_or_path=some/model"])
     assert isinstance(cfg, RunConfig)
+
+
+# ----------------------------------------------------------------------------- values checked by type
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.micro_batch_size=abc", "train.micro_batch_size='abc': expected an integer (int), got str"),
+    ("train.lr=fast", "train.lr='fast': expected a finite number (float), got str"),
+    ("experts.num_experts=2.5", "experts.num_experts=2.5: expected an integer (int), got float"),
+    ("train.export=maybe", "train.export='maybe': expected a boolean (true or false), got str"),
+    ("train.lr=.inf", "train.lr=inf: must be a finite number (float), not inf or nan"),
+    ("em.gumbel.tau=.nan", "em.gumbel.tau=nan: must be a finite number (float), not inf or nan"),
+    ("train.lr=1e30", "train.lr=1e+30: must be finite and in (0, 1000) (the AdamW learning rate; typical values "
+                      "are 1e-6 to 1e-2)"),
+    ("train.max_steps=true", "train.max_steps=True: expected an integer (int), got bool"),  # bool is no int
+    ("deepspeed.zero_stage=yes", "deepspeed.zero_stage=True: expected an integer (int) or null, got bool"),
+    ("experts.lr_experts=[0.1, x, 0.3]", "experts.lr_experts[1]='x': expected a finite number (float), got str"),
+    ("experts.lr_experts=abc", "experts.lr_experts='abc': expected a list of numbers (list[float]), a finite number "
+                               "(float) or null, got str"),
+    ("em.phases=[{start: soon}]", "em.phases[0].start='soon': expected a finite number (float), got str"),
+    ("em.phases=5", "em.phases=5: expected a list of Phase mappings (list[Phase]), a string (str) or null, got int"),
+    ("em.estep=3", "em.estep=3: expected a mapping of EStepWeights fields (dict), got int"),
+    ("model.name_or_path=123", "model.name_or_path=123: expected a string (str), got int"),
+    ("train.adam_betas=[0.9, 1.0]", "train.adam_betas=[0.9, 1.0]: must be two numbers in [0, 1)"),
+    ("train.seed=-1", "train.seed=-1: must be an integer in [0, 2**63)"),
+])
+def test_override_values_are_checked_by_type_naming_key_value_and_form(tmp_path, override, message):
+    with pytest.raises(ValueError) as e:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_yaml_string_where_an_integer_is_wanted_is_an_error(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "train": {"micro_batch_size": "4"}})  # safe_dump quotes it: '4'
+    assert "'4'" in path.read_text()
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert str(e.value) == "train.micro_batch_size='4': expected an integer (int), got str"
+
+
+def test_ints_are_accepted_for_floats_and_made_floats(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1", "loss.beta=2", "experts.lr_experts=1",
+                                                 "em.phases=[{start: 0, beta: 1}]", "train.adam_betas=[0, 0.5]"])
+    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
+    assert type(cfg.loss.beta) is float and type(cfg.experts.lr_experts) is float
+    assert cfg.em.phases[0]["beta"] == 1.0 and type(cfg.em.phases[0]["beta"]) is float
+    assert cfg.train.adam_betas == [0.0, 0.5]
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_duplicate_yaml_key_names_the_key_the_file_and_the_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {path: d}\ntrain:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n")
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}, line 6, column 3: duplicate key 'lr' (first at line 4); a key may appear only "
+                            "once in a mapping")
+    # a `<<` merge key may still be overridden: that is not a duplicate
+    text = "model: {name_or_path: m}\ndata: {path: d}\nx: &t {lr: 0.1, max_steps: 3}\n"
+    assert yaml.safe_load(text)  # sanity: the anchor text is valid YAML
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("model: &m {name_or_path: m, dtype: bf16}\ndata: {path: d}\nexperts: {num_experts: 2}\n"
+                      "loss: {beta: 0.2}\n")
+    assert load_config(merged).model.dtype == "bf16"
+    from mixdpo_ds.training.config import yaml_load
+    assert yaml_load("a: &x {p: 1, q: 2}\nb:\n  <<: *x\n  p: 3\n")["b"] == {"p": 3, "q": 2}
+
+
+def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name_or_path: m}\ndata:\n  path: d\n   bad: 1\n")
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}, line 4, column 7: invalid YAML: mapping values are not allowed here"
+    assert "<unicode string>" not in str(e.value)
+    with pytest.raises(ValueError) as e:
+        load_config(write(tmp_path, MINIMAL), ["train.adam_betas=[0.9,"])
+    assert str(e.value).startswith("override 'train.adam_betas=[0.9,', line 1, column 6: invalid YAML: ")

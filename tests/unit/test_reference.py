@@ -133,3 +133,20 @@ def test_precompute_per_expert_shape(tiny_gpt2_dir, other_dir):
     assert table.shape == (3, 2, 2)
     lp = ref.logps(collate(examples[:1], PAD_ID))          # (2, K): rows chosen, rejected
     torch.testing.assert_close(table[0], lp, atol=1e-6, rtol=0)
+
+
+def test_a_corrupt_cache_file_is_recomputed(tiny_gpt2_dir, tmp_path, caplog):
+    """A truncated cache file is reported and recomputed (the model runs again), not a crash."""
+    ref = FrozenReference(tiny_gpt2_dir, logprob_impl="naive")
+    examples = make_examples(4, seed=3)
+    key = reference_cache_key(tiny_gpt2_dir, "fp-corrupt", 64, 32, None)
+    fresh = precompute_reference_logps(ref, examples, lambda ex: collate(ex, PAD_ID), batch_size=2,
+                                       cache_dir=str(tmp_path), key=key)
+    path = cache_path(str(tmp_path), key)
+    with open(path, "r+b") as f:
+        f.truncate(20)
+    counting = CountingReference(ref)
+    again = precompute_reference_logps(counting, examples, lambda ex: collate(ex, PAD_ID), batch_size=2,
+                                       cache_dir=str(tmp_path), key=key)
+    assert counting.calls == 2 and "is unreadable" in caplog.text
+    torch.testing.assert_close(again, fresh)

@@ -12,6 +12,7 @@ interpreter when the decorator runs, so TRITON_INTERPRET must be set before they
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -20,12 +21,59 @@ from .naive import IGNORE_INDEX, expert_logprobs_naive, mbt_loss_naive
 
 IMPLS = ("naive", "chunked", "triton")
 
-__all__ = ["IGNORE_INDEX", "IMPLS", "default_impl", "expert_logprobs", "mbt_loss", "triton_module"]
+__all__ = ["IGNORE_INDEX", "IMPLS", "default_impl", "expert_logprobs", "mbt_loss", "triton_module", "triton_self_check"]
 
 
-def default_impl(device: torch.device | str) -> str:
-    """"triton" on CUDA devices, "chunked" elsewhere."""
-    return "triton" if torch.device(device).type == "cuda" else "chunked"
+def default_impl(device: torch.device | str, fallback: str = "chunked") -> str:
+    """"triton" on CUDA devices whose one-time self-check passes (`triton_self_check`), `fallback` elsewhere."""
+    return "triton" if torch.device(device).type == "cuda" and triton_self_check(device) else fallback
+
+
+_SELF_CHECKED: dict[str, bool] = {}
+
+
+def triton_self_check(device: torch.device | str) -> bool:
+    """Once per device: both Triton kernels against the PyTorch paths on a small random problem, values and every
+    gradient. False, with a warning naming the failure, if they fail to compile, raise or disagree; `auto` then
+    falls back to the PyTorch paths (the GPU path has had no CI: this is its guard on first use)."""
+    key = str(torch.device(device))
+    if key not in _SELF_CHECKED:
+        try:
+            reason = _compare_with_pytorch(torch.device(device))
+        except Exception as e:  # compile errors, missing driver, launch failures
+            reason = f"{type(e).__name__}: {e}"
+        _SELF_CHECKED[key] = reason is None
+        if reason is not None:
+            warnings.warn(f"mixdpo_ds.kernels: the Triton kernels failed their self-check on {key} ({reason}); "
+                          "using the PyTorch paths (chunked / naive) instead", RuntimeWarning, stacklevel=2)
+    return _SELF_CHECKED[key]
+
+
+def _compare_with_pytorch(device: torch.device) -> str | None:
+    """None when Triton matches PyTorch (fp32, rtol 1e-4) on outputs and gradients, else what differed."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 64, generator=g).to(device).requires_grad_()
+    heads = (0.1 * torch.randn(3, 300, 64, generator=g)).to(device).requires_grad_()
+    targets = torch.randint(0, 300, (37,), generator=g)
+    targets[::5] = IGNORE_INDEX
+    targets = targets.to(device)
+    weights = torch.randn(37, 3, generator=g).to(device)
+    outs = {}
+    for impl in ("chunked", "triton"):
+        lp = expert_logprobs(hidden, heads, targets, impl=impl)
+        outs[impl] = (lp, *torch.autograd.grad((lp * weights).sum(), (hidden, heads)))
+    policy = (torch.randn(8, 2, 3, generator=g) - 20).to(device).requires_grad_()
+    ref = (torch.randn(8, 2, generator=g) - 20).to(device)
+    log_w = torch.log_softmax(torch.randn(8, 3, generator=g), -1).to(device).requires_grad_()
+    for impl in ("naive", "triton"):
+        res = mbt_loss(policy, ref, log_w, 0.5, lambda_global=0.1, impl=impl)
+        outs[f"mbt_{impl}"] = (res.loss, res.resp, *torch.autograd.grad(res.loss, (policy, log_w)))
+    for (a, b), names in ((("chunked", "triton"), ("logps", "d_hidden", "d_heads")),
+                          (("mbt_naive", "mbt_triton"), ("loss", "resp", "d_policy_logps", "d_log_w"))):
+        for name, x, y in zip(names, outs[a], outs[b], strict=True):
+            if not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5):
+                return f"{name}: max |triton - pytorch| = {(x.float() - y.float()).abs().max().item():.3g}"
+    return None
 
 
 def triton_module(name: str):

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import torch
 import yaml
 
 from mixdpo_ds.core.em import EMConfig
@@ -152,7 +151,9 @@ class LossConfig:
     def resolved_impl(self, device) -> str:
         if self.impl != "auto":
             return self.impl
-        return "triton" if torch.device(device).type == "cuda" else "naive"
+        from mixdpo_ds.kernels import default_impl
+
+        return default_impl(device, fallback="naive")  # triton on CUDA after its self-check
 
 
 @dataclass

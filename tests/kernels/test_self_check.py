@@ -1,10 +1,9 @@
 """The one-time Triton self-check that guards `auto` on a GPU (kernels/__init__.py): it passes when the kernels
 agree with PyTorch (here under TRITON_INTERPRET=1), fails with a warning naming the difference when they do not,
 and `auto` falls back to the PyTorch paths then."""
+import mixdpo_ds.kernels as kernels
 import pytest
 import torch
-
-import mixdpo_ds.kernels as kernels
 
 pytestmark = pytest.mark.kernels
 

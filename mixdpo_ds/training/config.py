@@ -235,6 +235,8 @@ class TrainConfig:
         if not (_finite(self.dist_timeout_s) and self.dist_timeout_s > 0):
             raise ValueError(f"train.dist_timeout_s={self.dist_timeout_s!r}: must be finite and > 0 (seconds a "
                              "collective waits for the other ranks)")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite={self.nonfinite!r}: allowed ['stop', 'skip']")
 
 
 @dataclass

@@ -6,8 +6,11 @@
         batch = collate(examples, tokenizer.pad_token_id)    # docs/ARCHITECTURE.md "Batch"
 
 Sources go through `datasets.load_dataset`: a hub name, a local .json/.jsonl/.csv/.parquet file (optionally
-.gz), or a local directory (the `datasets` folder loader, which infers splits from file names). Row rules
-(HH-RLHF transcripts, chat templates, truncation) live in `mixdpo_ds.training.data_rows`.
+.gz), or a local directory, whose files of every supported format are read and combined, with splits inferred
+from file names (`mixdpo_ds.training.data_files`, which also names the file and line of a read error). Row rules
+(HH-RLHF transcripts, chat templates, truncation) live in `mixdpo_ds.training.data_rows`. Checks a caller runs
+against other parts of the run: `check_lengths` (data.max_length vs the model's positions) and `check_user_gate`
+(a user-conditioned gate needs user ids in the data).
 
 Prompt and response are tokenised separately and concatenated: tokenising the joined text would let BPE
 merge across the boundary (e.g. "Assistant:" + " Sure" → ": S"…), and then no token position separates
@@ -26,11 +29,10 @@ import numpy as np
 import torch
 
 from mixdpo_ds.compat import dataset_fingerprint
+from mixdpo_ds.training.data_files import load_local, looks_local
 from mixdpo_ds.training.data_rows import BadRow, row_texts, truncate_pair
 
 _FORMAT_VERSION = 1  # bump when tokenisation rules change: invalidates reference-logp caches
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 _CHUNK = 512
 
 
@@ -100,40 +102,39 @@ class PreferenceData:
     user_vocab: dict[str, int]  # str(user value) -> id
     group_vocab: dict[str, int]  # str(group label) -> id
     fingerprint: str  # hash of sources + tokenisation settings: key of the reference-logp cache
+    user_column: str | None = None  # the user column read (None: the data has none)
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _local_builder(path: str) -> str | None:
-    name = path.lower()
-    for ext in _COMPRESSION:
-        name = name.removesuffix(ext)
-    return _BUILDERS.get(os.path.splitext(name)[1])
+def _load_source(path: str, split: str, key: str, cfg: DataConfig, skipped: Counter):
+    """-> (datasets.Dataset, label for messages, fingerprint of the source, Origins of its rows or None).
 
-
-def _load_source(path: str, split: str, key: str):
-    """-> (datasets.Dataset, label for messages, fingerprint of the source)."""
+    Local files and folders: `mixdpo_ds.training.data_files` (every format of a folder, errors naming the file
+    and line); malformed lines skipped there (on_bad_row=skip) are counted in `skipped`."""
     import datasets  # heavy import, only when loading
 
     label = f"data.{key}={path}"
     if not path:
         raise ValueError(f"data.{key} is not set: give a hub dataset name, a local file or a directory")
     path = os.path.expanduser(path)
+    origin = None
     try:
-        if os.path.isfile(path):
-            builder = _local_builder(path)
-            if builder is None:
-                raise ValueError(f"{label}: unknown file type; allowed: .json, .jsonl, .csv, .parquet "
-                                 f"(optionally compressed: {', '.join(_COMPRESSION)})")
-            ds = datasets.load_dataset(builder, data_files={"train": [path]}, split=split)
-            source_fp = _hash_files([path], None)  # content only: a copy keeps its cache
-        elif os.path.isdir(path):
-            ds = datasets.load_dataset(path, split=split)
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
-            source_fp = _hash_files(files, path)
-        elif path.startswith((".", "/", "~")) or _local_builder(path) is not None:
+        if os.path.isfile(path) or os.path.isdir(path):
+            columns_of = lambda d, lab: _columns(d, cfg, lab)  # noqa: E731
+            ds, files, origin = load_local(path, split, label, cfg.on_bad_row, columns_of, skipped)
+            # content only for a file (a copy keeps its cache); in a folder file names decide splits, and the
+            # prefix separates the every-format folder reading from the former most-common-format one
+            source_fp = _hash_files(files, None) if os.path.isfile(path) else "dir2:" + _hash_files(files, path)
+        elif looks_local(path):
             raise FileNotFoundError(f"{label}: no such file or directory")
         else:
-            ds = datasets.load_dataset(path, split=split)
+            try:
+                ds = datasets.load_dataset(path, split=split)
+            except (ValueError, KeyError):
+                raise
+            except Exception as e:  # noqa: BLE001 - hub errors: connection, repo not found, …
+                raise ValueError(f"{label}: not a local file or directory, and as a hub dataset name it could not "
+                                 f"be loaded ({type(e).__name__}: {e})") from e
             source_fp = f"hub:{path}:{dataset_fingerprint(ds)}"
     except (ValueError, KeyError) as e:
         if str(e).startswith(label):
@@ -141,7 +142,7 @@ def _load_source(path: str, split: str, key: str):
         raise ValueError(f"{label} (split {split!r}) could not be loaded: {e}") from e
     if split != "train":
         label += f" (split {split})"
-    return ds, label, f"{source_fp}:{split}"
+    return ds, label, f"{source_fp}:{split}", origin
 
 
 def _hash_files(files: list[str], root: str | None) -> str:
@@ -230,8 +231,9 @@ class _Encoder:
 
 
 def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder, label: str,
-                   vocabs: dict[str, dict[str, int]], skipped: Counter) -> list[dict]:
-    """Rows `indices` of `ds` → tokenised examples; bad rows raise ValueError or are counted in `skipped`."""
+                   vocabs: dict[str, dict[str, int]], skipped: Counter, origin=None) -> list[dict]:
+    """Rows `indices` of `ds` → tokenised examples; bad rows raise ValueError or are counted in `skipped`.
+    `origin(index)` names the file and row of a multi-file source in messages."""
     used = [c for c in cols.values() if c is not None]
     sub = ds.select_columns(used)
     examples = []
@@ -244,7 +246,7 @@ def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder,
             try:
                 texts.append(row_texts(enc.tok, row["prompt"], row["chosen"], row["rejected"], cols["prompt"]))
             except BadRow as bad:
-                _bad(bad, label, index, cfg, skipped)
+                _bad(bad, label, index, cfg, skipped, origin)
                 continue
             meta.append((index, row["user"], row["group"]))
         if not texts:
@@ -259,7 +261,7 @@ def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder,
                     raise BadRow("empty_prompt", "the prompt is empty (no tokens)")
                 p, c, r = truncate_pair(p, c, r, cfg.max_length, cfg.max_prompt_length, keep_prefix=len(enc.prefix))
             except BadRow as bad:
-                _bad(bad, label, index, cfg, skipped)
+                _bad(bad, label, index, cfg, skipped, origin)
                 continue
             examples.append({
                 "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "index": index,
@@ -269,23 +271,25 @@ def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder,
     return examples
 
 
-def _bad(bad: BadRow, label: str, index: int, cfg: DataConfig, skipped: Counter) -> None:
+def _bad(bad: BadRow, label: str, index: int, cfg: DataConfig, skipped: Counter, origin=None) -> None:
     if cfg.on_bad_row == "error":
-        raise ValueError(f"{label} row {index}: {bad.message} [{bad.reason}; set data.on_bad_row=skip to drop "
-                         "such rows]") from None
+        where = origin(index) if origin is not None else None
+        raise ValueError(f"{label} row {index}{f' ({where})' if where else ''}: {bad.message} [{bad.reason}; set "
+                         "data.on_bad_row=skip to drop such rows]") from None
     skipped[bad.reason] += 1
 
 
 # ---------------------------------------------------------------------------------------------- public
 def load_preference_data(cfg: DataConfig, tokenizer) -> PreferenceData:
     """Load, check and tokenise `cfg.path` (and the eval source) into a PreferenceData."""
-    ds, label, source_fp = _load_source(cfg.path, cfg.split, "path")
+    skipped = Counter()  # bad rows, and malformed lines of local JSON files, dropped by on_bad_row=skip
+    ds, label, source_fp, origin = _load_source(cfg.path, cfg.split, "path", cfg, skipped)
     cols = _columns(ds, cfg, label)
     rows = list(range(len(ds)))
     if cfg.max_rows is not None and cfg.max_rows < len(rows):
         # a random subset, not the first rows: sources are often sorted by topic or annotator group
         rows = sorted(np.random.default_rng([cfg.seed, 1]).permutation(len(rows))[:cfg.max_rows].tolist())
-    sources = [(ds, label, cols, rows)]
+    sources = [(ds, label, cols, rows, origin)]
     train_rows, eval_rows = rows, []
     if cfg.eval_fraction > 0:
         n_eval = int(round(cfg.eval_fraction * len(rows)))
@@ -295,24 +299,25 @@ def load_preference_data(cfg: DataConfig, tokenizer) -> PreferenceData:
         held = set(perm[:n_eval].tolist())
         train_rows = [r for i, r in enumerate(rows) if i not in held]
         eval_rows = [r for i, r in enumerate(rows) if i in held]
-        sources = [(ds, label, cols, train_rows), (ds, label, cols, eval_rows)]
+        sources = [(ds, label, cols, train_rows, origin), (ds, label, cols, eval_rows, origin)]
     elif cfg.eval_path is not None or cfg.eval_split is not None:
-        eds, elabel, efp = _load_source(cfg.eval_path or cfg.path, cfg.eval_split or "train",
-                                        "eval_path" if cfg.eval_path else "path")
+        eds, elabel, efp, eorigin = _load_source(cfg.eval_path or cfg.path, cfg.eval_split or "train",
+                                                 "eval_path" if cfg.eval_path else "path", cfg, skipped)
         source_fp += "|" + efp
-        sources.append((eds, elabel, _columns(eds, cfg, elabel), list(range(len(eds)))))
+        sources.append((eds, elabel, _columns(eds, cfg, elabel), list(range(len(eds))), eorigin))
 
     vocabs = {}
     for role in ("user", "group"):
-        values = [v for d, _, c, _ in sources if c[role] is not None for v in d[c[role]]]
+        values = [v for d, _, c, _, _ in sources if c[role] is not None for v in d[c[role]]]
         vocabs[role] = _vocab(values)
-    enc, skipped = _Encoder(tokenizer), Counter()
-    splits = [_tokenise_rows(d, r, c, cfg, enc, lab, vocabs, skipped) for d, lab, c, r in sources]
+    enc = _Encoder(tokenizer)
+    splits = [_tokenise_rows(d, r, c, cfg, enc, lab, vocabs, skipped, o) for d, lab, c, r, o in sources]
     train, evals = splits[0], (splits[1] if len(splits) > 1 else [])
     if not train:
         raise ValueError(f"{label}: no usable rows (skipped: {dict(skipped)})")
     return PreferenceData(train=train, eval=evals, skipped=dict(skipped), user_vocab=vocabs["user"],
-                          group_vocab=vocabs["group"], fingerprint=_fingerprint(cfg, source_fp, enc))
+                          group_vocab=vocabs["group"], fingerprint=_fingerprint(cfg, source_fp, enc),
+                          user_column=cols["user"])
 
 
 def _fingerprint(cfg: DataConfig, source_fp: str, enc: _Encoder) -> str:
@@ -324,6 +329,44 @@ def _fingerprint(cfg: DataConfig, source_fp: str, enc: _Encoder) -> str:
                        "chat": getattr(tok, "chat_template", None), "prefix": enc.prefix, "eos": enc.eos,
                        "on_bad_row": cfg.on_bad_row}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------- checks against the run
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def model_positions(model_config) -> tuple[int, str] | None:
+    """(number of positions, config key) of a Hugging Face model config, None when it names none."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_lengths(model_config, data_cfg: DataConfig) -> int | None:
+    """Raise when data.max_length exceeds the model's positions (a longer batch would index past the position
+    table after the engine is built); returns the positions (None: the config names none, nothing checked)."""
+    found = model_positions(model_config)
+    if found is None:
+        return None
+    positions, key = found
+    if data_cfg.max_length > positions:
+        raise ValueError(f"data.max_length={data_cfg.max_length} exceeds the model's {positions} positions ({key}); "
+                         f"set data.max_length <= {positions}")
+    return positions
+
+
+def check_user_gate(gate_cfg, data: PreferenceData) -> None:
+    """A gate that routes by user (gate.features user / prompt+user) needs user ids in the data: without them
+    every pair takes the one no-user row and the gate is constant."""
+    if getattr(gate_cfg, "uses_user", False) and not data.user_vocab:
+        column = data.user_column or "user"
+        how = (f"the {column!r} column has no values" if data.user_column is not None else
+               f"the data has no {column!r} column (data.user_column)")
+        raise ValueError(f"gate.features={gate_cfg.features!r} routes by user, but {how}; add user ids, point "
+                         "data.user_column at them, or set gate.features=prompt")
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -117,8 +117,7 @@ def load_local(path: str, split: str, label: str, on_bad_row: str, columns_of, s
             starts.append(starts[-1] + len(p.ds))
         segments[name] = [(s, p.name, 0) for s, p in zip(starts, parts, strict=False)]
     ds, origin = _apply_split(combined, segments, split, label)
-    multi = len({n for _, n, _ in origin.segments}) > 1 or root is not None
-    return ds, files, (origin if multi else None)
+    return ds, files, (origin if root is not None else None)
 
 
 # ----------------------------------------------------------------------------------------- the folder
@@ -134,21 +133,21 @@ def _folder_splits(path: str, label: str) -> dict[str, list[str]]:
     except Exception as e:  # datasets' EmptyDatasetError, FileNotFoundError …
         raise ValueError(f"{label}: a folder without data files (.json, .jsonl, .csv, .parquet): {e}") from e
     rel = lambda f: os.path.relpath(f, base)  # noqa: E731
-    seen, other_format, by_split = set(), [], {}
+    assigned, other_format, by_split = set(), [], {}
     for split, files in resolved.items():
         for f in sorted(set(files)):
-            seen.add(f)
+            assigned.add(os.path.abspath(f))
             if os.path.basename(f).lower() in METADATA_FILES:
                 continue
             if builder_of(f) is None:
                 other_format.append(rel(f))
             else:
-                by_split.setdefault(str(split), []).append(f)
-    everything = {os.path.join(d, f) for d, dirs, fs in os.walk(base) for f in fs
-                  if not f.startswith(".") and os.path.basename(d)[:1] not in (".", "_")}
-    no_split = sorted(rel(f) for f in everything - {os.path.abspath(f) for f in seen}
+                by_split.setdefault(str(split), []).append(os.path.abspath(f))
+    # datasets skips hidden files and folders ('.x', '__x'); every other file is either read or named here
+    everything = {os.path.join(d, f) for d, _, fs in os.walk(base) for f in fs}
+    no_split = sorted(rel(f) for f in everything - assigned
                       if os.path.basename(f).lower() not in METADATA_FILES
-                      and not any(part.startswith((".", "__")) for part in rel(f).split(os.sep)))
+                      and not any(c.startswith((".", "__")) for c in rel(f).split(os.sep)))
     if other_format:
         log.warning("%s: not reading %d file(s) of an unsupported type (allowed: .json, .jsonl, .csv, .parquet): %s",
                     label, len(other_format), _few(other_format))
@@ -221,6 +220,8 @@ def _read_group(files: list[str], builder: str, root: str | None, label: str, on
         raise ValueError(f"{label}: the file is empty (no rows)")
     try:
         ds = _hf_load(builder, files)
+        if builder == "json":
+            ds.data.table.validate(full=True)  # Arrow's JSON reader keeps invalid UTF-8; Python would fail later
         name = rel(files[0]) if len(files) == 1 else f"{len(files)} {builder} files"
         return [_Part(ds, files, builder, name)]
     except Exception:  # noqa: BLE001 - datasets wraps every reader error; each file is read again below
@@ -248,8 +249,8 @@ def _read_one(path: str, builder: str, where: str, on_bad_row: str, skipped: Cou
             raise ValueError(f"{where}: malformed CSV: {cause} (data.on_bad_row=skip cannot skip a malformed CSV "
                              "line: fix the file)") from e
         if builder == "json":
-            raise ValueError(f"{where}: could not be read as JSON: {cause} (every line is valid JSON; check that "
-                             "each column keeps one type across rows)") from e
+            raise ValueError(f"{where}: could not be read as JSON: {cause} (the JSON itself is well-formed; check "
+                             "that each column keeps one type across rows)") from e
         raise ValueError(f"{where}: could not be read as {builder}: {cause}") from e
 
 
@@ -303,7 +304,7 @@ def _scan_json(path: str, where: str, on_bad_row: str, skipped: Counter):
     first = raw.lstrip()[:1]
     if not first:
         raise ValueError(f"{where}: the file is empty (no rows)")
-    if path.lower().split(".")[-1] != "jsonl" and not path.lower().endswith(tuple(f".jsonl{c}" for c in COMPRESSION)):
+    if not _is_jsonl(path):
         # a .json file may be one document (an array of rows, or columns) rather than JSON lines
         try:
             json.loads(raw)
@@ -313,9 +314,9 @@ def _scan_json(path: str, where: str, on_bad_row: str, skipped: Counter):
         except json.JSONDecodeError as doc_error:
             first_line = raw.lstrip().split(b"\n", 1)[0]
             if first == b"[" or not _is_json_object(first_line):
-                raise ValueError(f"{where} line {doc_error.lineno}: malformed JSON document: {doc_error.msg} at "
-                                 f"column {doc_error.colno} (data.on_bad_row=skip cannot skip inside one JSON "
-                                 "document: fix the file)") from None
+                raise ValueError(f"{where} line {doc_error.lineno}: malformed JSON document ({doc_error.msg}, "
+                                 f"column {doc_error.colno}); data.on_bad_row=skip cannot skip inside one JSON "
+                                 "document: fix the file") from None
     good, bad = [], Counter()
     for n, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
@@ -328,7 +329,7 @@ def _scan_json(path: str, where: str, on_bad_row: str, skipped: Counter):
         except UnicodeDecodeError as u:
             problem, reason = f"invalid UTF-8 (byte 0x{line[u.start]:02x} at column {u.start + 1})", "invalid_utf8"
         except json.JSONDecodeError as j:
-            problem = f"malformed JSON: {j.msg} at column {j.colno}"
+            problem = f"malformed JSON ({j.msg}, column {j.colno})"
         if problem is None:
             good.append(line)
             continue
@@ -342,6 +343,13 @@ def _scan_json(path: str, where: str, on_bad_row: str, skipped: Counter):
     if not good:
         raise ValueError(f"{where}: no well-formed JSON lines (skipped: {dict(bad)})")
     return _json_lines_dataset(good, where)
+
+
+def _is_jsonl(path: str) -> bool:
+    name = path.lower()
+    for ext in COMPRESSION:
+        name = name.removesuffix(ext)
+    return name.endswith(".jsonl")
 
 
 def _is_json_object(line: bytes) -> bool:
@@ -395,8 +403,11 @@ def _unify(dss: list, col: str, parts: list[_Part], label: str) -> list:
     typed = [f for f in feats if not (isinstance(f, Value) and f.dtype == "null")]
     numeric = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
                "float64")
+    strings = (Value("string"), Value("large_string"))
     if all(f == typed[0] for f in typed):
         target = typed[0]
+    elif all(f in strings for f in typed):
+        target = Value("large_string")
     elif all(isinstance(f, Value) and f.dtype in numeric for f in typed):
         target = Value("float64")  # ids 7 (json) and 7.0 (csv with gaps) are one vocabulary word (data._word)
     else:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -93,6 +94,20 @@ def _export_compact(policy: MixturePolicy, compact_dir: str, tokenizer) -> None:
         json.dump({"num_experts": policy.num_experts, "causal_lm_config": policy.config.to_dict()}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(compact_dir)
+
+
+def run_export_dir(run_dir: str) -> Path:
+    """`run_dir/export`, checked: a clear error naming what is missing (the run, or its export) before any
+    from_pretrained call turns a missing directory into a hub lookup ("Repo id must be …")."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} not found")
+    export = run / "export"
+    if not (export / "export.json").is_file() or not (export / "expert_0").is_dir():
+        raise FileNotFoundError(f"{export}: the run has no export (it is written at the end of training with "
+                                "train.export=true, the default; a run that stopped early or had train.export=false "
+                                "has none)")
+    return export
 
 
 def load_expert(out_dir: str, k: int, torch_dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -4,7 +4,7 @@
     python benchmarks/bench_faults.py --kills 8 --seed 1 --append benchmarks/RESULTS.md
 
 One uninterrupted reference run, then the same run in a fresh directory, killed with SIGKILL at a random moment
-(a uniform 0-1.5 s after it has trained a new step: mid-step, mid-checkpoint, mid-export) and resumed, until it
+(a uniform 0-1 s after it has trained a new step: mid-step, mid-checkpoint, mid-export) and resumed, until it
 finishes. Reported:
 whether the final export and the per-step metrics equal the uninterrupted run's (bitwise), and per kill the steps
 lost: the last step the killed process had logged minus the step it resumed from (at most one `save_every`).
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, SAVE_EVERY = 60, 5
+STEPS, SAVE_EVERY = 200, 10
 RUN = ["experts.num_experts=2", "gate.kind=moe", "gate.lr=0.05", "em.mode=gumbel", "train.lr=1e-2",
        f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.keep_last=2", "train.resume_from=auto",
        "train.plots=false", "train.progress_bar=false", "data.max_length=48", "data.max_prompt_length=24",
@@ -98,7 +98,7 @@ def main() -> None:
             if kills < args.kills:  # kill while it trains: after its first new step, at a random moment
                 while proc.poll() is None and max([r["step"] for r in _steps(out)], default=0) <= start:
                     time.sleep(0.02)
-                time.sleep(rng.uniform(0.0, 1.5))
+                time.sleep(rng.uniform(0.0, 1.0))
             if kills < args.kills and proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

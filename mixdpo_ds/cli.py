@@ -28,10 +28,14 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from mixdpo_ds.training.evaluate import evaluate_run
+    from mixdpo_ds.training.evaluate import NonFiniteError, evaluate_run
 
-    summary = evaluate_run(args.run, args.data, args.out, group_column=args.group_column,
-                           batch_size=args.batch_size, overrides=args.overrides)
+    try:
+        summary = evaluate_run(args.run, args.data, args.out, group_column=args.group_column,
+                               batch_size=args.batch_size, overrides=args.overrides)
+    except NonFiniteError as e:  # the files are written; the accuracies in them are not to be trusted
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"accuracy {summary['accuracy']:.4f}  summary: {summary['summary_path']}")
     return 0
 

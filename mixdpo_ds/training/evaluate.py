@@ -16,11 +16,18 @@ pairs whose argmax-resp expert is the one matched to their group under the best 
 experts to groups (exhaustive over permutations when max(K, #groups) ≤ 8; otherwise scipy's Hungarian
 `linear_sum_assignment` when scipy is installed, else a greedy matching on the largest counts, which can
 under-report; `method` in the summary says which).
+
+Checks: the run and its export must exist (an error names the missing directory); data.max_length must fit the
+model's positions; evaluation users the training data did not have are counted (`unknown_users` in the summary,
+and a warning when the gate routes by user: they take the gate's shared no-user row); pairs whose expert margins
+or gate weights are not finite (NaN / inf) make the evaluation fail with `NonFiniteError` after OUT and the
+summary (with `non_finite`) are written — their accuracy would read as a silent 0.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -28,7 +35,17 @@ import torch
 from mixdpo_ds.core.losses import mixdpo_loss
 from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs
 from mixdpo_ds.training.config import load_config
-from mixdpo_ds.training.data import collate, load_preference_data
+from mixdpo_ds.training.data import check_lengths, collate, load_preference_data
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Some pairs had NaN / inf margins or gate weights: the accuracies of the summary are meaningless."""
+
+    def __init__(self, message: str, summary_path: str):
+        super().__init__(message)
+        self.summary_path = summary_path
 
 
 def best_matching(confusion: list[list[int]]) -> tuple[int, dict[int, int], str]:
@@ -75,11 +92,9 @@ def recovery_accuracy(expert: list[int], group: list[int], K: int, G: int) -> di
 
 
 def _load_run(run_dir: Path, device: torch.device):
-    from mixdpo_ds.training.export import load_compact, load_experts, load_export_gate
+    from mixdpo_ds.training.export import load_compact, load_experts, load_export_gate, run_export_dir
 
-    export = run_dir / "export"
-    if not export.is_dir():
-        raise FileNotFoundError(f"{export} not found: train with train.export=true first")
+    export = run_export_dir(str(run_dir))
     policy = load_compact(str(export)) if (export / "compact").is_dir() else load_experts(str(export))
     gate, meta = load_export_gate(str(export))
     return policy.to(device).eval(), (gate.to(device).eval() if gate is not None else None), meta or {}
@@ -89,18 +104,23 @@ def _load_run(run_dir: Path, device: torch.device):
 def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str | None = None, batch_size: int = 8,
                  overrides: list[str] | None = None) -> dict:
     """Write OUT (JSONL per pair) and OUT.summary.json; return the summary dict (plus `summary_path`)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from mixdpo_ds.model.reference import FrozenReference
+    from mixdpo_ds.training.export import run_export_dir
 
     run = Path(run_dir)
+    export = run_export_dir(run_dir)  # before any from_pretrained: a missing export would become a hub lookup
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run / 'config.yaml'} not found: {run} is not the output_dir of `mixdpo train`")
     data_over = [f"data.path={data_path}", "data.eval_fraction=0.0", "data.eval_path=null", "data.eval_split=null",
                  "data.split=train", "data.max_rows=null", "train.resume_from=null"]
     if group_column is not None:
         data_over.append(f"data.group_column={group_column}")
     cfg = load_config(run / "config.yaml", data_over + list(overrides or []))
+    check_lengths(AutoConfig.from_pretrained(str(export / "expert_0")), cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(run / "export" / "expert_0"))
+    tokenizer = AutoTokenizer.from_pretrained(str(export / "expert_0"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = load_preference_data(cfg.data, tokenizer)
@@ -115,8 +135,15 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
     # The gate's user ids are the training data's; map this file's users through their names.
     train_users = (meta.get("user_vocab") or {})
     user_map = {i: train_users.get(name, -1) for name, i in data.user_vocab.items()}
+    unknown = [e for e in data.train if e["user"] >= 0 and user_map[e["user"]] < 0]
+    if unknown and gate is not None and getattr(gate.cfg, "uses_user", False):
+        names = sorted({name for name, i in data.user_vocab.items() if user_map[i] < 0})
+        log.warning("evaluate: %d of %d pairs have a user the training data did not have (%d users, e.g. %s); the "
+                    "gate routes them by its shared no-user row", len(unknown), len(data.train), len(names),
+                    ", ".join(repr(n) for n in names[:5]))
     group_names = {i: name for name, i in data.group_vocab.items()}
     rows, examples = [], data.train
+    non_finite = {"margins": 0, "w": 0}  # pairs with a NaN / inf expert margin, gate weight
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
         B = batch["index"].shape[0]
@@ -130,12 +157,16 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
                           estep=phase.estep, mode="exact")
         w = log_w.exp()  # (B, K)
         p_mix = (w * torch.sigmoid(res.margins)).sum(-1)  # (B,) P_i = Σ_k w_ik σ(Δ_ik)
+        bad_margin = ~torch.isfinite(res.margins).all(-1)  # (B,)
+        bad_w = ~torch.isfinite(w).all(-1)
         for i in range(B):
             g = int(batch["group_ids"][i])
             rows.append({"index": int(batch["index"][i]), "group": group_names.get(g) if g >= 0 else None,
                          "group_id": g, "resp": res.resp[i].tolist(), "w": w[i].tolist(),
                          "margins": res.margins[i].tolist(), "p_mixture": float(p_mix[i]),
                          "loglik": float(res.loglik[i]), "expert": int(res.resp[i].argmax())})
+            non_finite["margins"] += int(bad_margin[i])
+            non_finite["w"] += int(bad_w[i])
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +174,18 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
         for r in rows:
             f.write(json.dumps(r) + "\n")
     summary = summarize(rows, K, group_names)
+    summary["unknown_users"] = len(unknown)  # pairs whose user the training data did not have
+    if any(non_finite.values()):
+        summary["non_finite"] = non_finite
     summary_path = out_path.with_name(out_path.name + ".summary.json") if out_path.suffix != ".jsonl" else \
         out_path.with_suffix(".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2))
+    if any(non_finite.values()):
+        what = [f"{n} of {len(rows)} pairs have non-finite (NaN/inf) {name}"
+                for name, n in (("expert margins", non_finite["margins"]), ("gate weights", non_finite["w"])) if n]
+        raise NonFiniteError(f"evaluate: {'; '.join(what)}: the model, reference or gate produced NaN/inf, so the "
+                             f"accuracies are meaningless (per-pair rows: {out_path}, summary: {summary_path})",
+                             str(summary_path))
     return {**summary, "summary_path": str(summary_path)}
 
 

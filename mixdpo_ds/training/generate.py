@@ -8,12 +8,20 @@ Exact mixture sampling: π_mix(y | x) = Σ_k w_k(x) π_k(y | x), so drawing z ~ 
 y ~ π_z(· | x) samples π_mix exactly (ancestral sampling). Each expert is the exported standalone
 Hugging Face model, decoded with `generate`. A `moe` gate reads the hidden state of expert 0's trunk at
 the last prompt token, as in training.
+
+A prompt longer than the model's positions minus --max-new-tokens keeps its last tokens (after the tokenizer's
+own prefix, e.g. BOS), as training truncates prompts, with a warning; an empty prompt is an error. A user-conditioned
+gate needs a --user of the training data (an unknown one is an error naming some known ids); without --user the
+pair is routed by the gate's shared no-user row.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -31,9 +39,42 @@ def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None)
     if getattr(gate.cfg, "uses_prompt", False):
         trunk = load_expert(str(export), 0).base_model
         feats = trunk(input_ids=input_ids).last_hidden_state[:, -1].float()  # (1, H)
-    user_id = (meta.get("user_vocab") or {}).get(str(user), -1) if user is not None else -1
+    user_id = _user_id(gate, meta, user)
     log_w = gate.eval()(feats, torch.tensor([user_id]), batch_size=1)  # (1, K)
     return log_w[0].exp(), gate.num_experts
+
+
+def _user_id(gate, meta: dict, user: str | None) -> int:
+    """The gate's id of --user: -1 (the shared no-user row) without one; an unknown user is an error."""
+    if user is None:
+        return -1
+    if not getattr(gate.cfg, "uses_user", False):
+        log.warning("--user %r is ignored: the run's gate (gate.kind=%s, gate.features=%s) does not route by user",
+                    user, gate.cfg.kind, gate.cfg.features)
+        return -1
+    vocab = meta.get("user_vocab") or {}
+    if str(user) not in vocab:
+        known = ", ".join(repr(u) for u in list(vocab)[:5]) + (", …" if len(vocab) > 5 else "")
+        have = f"its {len(vocab)} users include {known}" if vocab else "it had no user ids"
+        raise ValueError(f"--user {user!r} is not a user of the run's training data ({have}); omit --user to route "
+                         "by the gate's shared no-user row")
+    return vocab[str(user)]
+
+
+def fit_prompt(input_ids: list[int], positions: int | None, max_new_tokens: int, keep_prefix: int = 0) -> list[int]:
+    """The prompt ids that leave room for max_new_tokens within `positions`: the first keep_prefix ids (BOS) and
+    the last ones (a warning says how many were dropped). An error when no prompt token would fit."""
+    if positions is None or len(input_ids) + max_new_tokens <= positions:
+        return input_ids
+    room = positions - max_new_tokens
+    if room <= keep_prefix:
+        raise ValueError(f"--max-new-tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                         f"{positions} positions; lower --max-new-tokens")
+    kept = input_ids[:keep_prefix] + input_ids[len(input_ids) - (room - keep_prefix):]
+    log.warning("the prompt has %d tokens: kept its last %d (dropped %d from the left) so that prompt + "
+                "--max-new-tokens=%d fit the model's %d positions", len(input_ids), room - keep_prefix,
+                len(input_ids) - len(kept), max_new_tokens, positions)
+    return kept
 
 
 @torch.no_grad()
@@ -41,15 +82,24 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
              user: str | None = None, seed: int = 0, greedy: bool = False) -> dict:
     """Pick an expert (fixed, top-1 or sampled from w(x)) and decode `prompt` with it; returns a dict with
     `expert`, `route`, `w`, `completion`."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from mixdpo_ds.training.export import load_expert
+    from mixdpo_ds.training.data import _Encoder, model_positions
+    from mixdpo_ds.training.export import load_expert, run_export_dir
 
     if route not in ("sample", "top1"):
         raise ValueError(f"--route must be one of ['sample', 'top1'], got {route!r}")
-    export = Path(run_dir) / "export"
+    if not prompt or not prompt.strip():
+        raise ValueError("--prompt is empty: give the text to continue (e.g. 'Human: hi\\n\\nAssistant:')")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    export = run_export_dir(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(export / "expert_0"))
-    enc = tokenizer(prompt, return_tensors="pt")  # with the tokenizer's own prefix (BOS), as data.py does
+    prefix = _Encoder(tokenizer).prefix  # with the tokenizer's own prefix (BOS), as data.py does
+    ids = tokenizer(prompt)["input_ids"]
+    found = model_positions(AutoConfig.from_pretrained(str(export / "expert_0")))
+    ids = fit_prompt(list(ids), found[0] if found else None, max_new_tokens, keep_prefix=len(prefix))
+    enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     w, K = gate_weights(export, enc["input_ids"], user)
     gen = torch.Generator().manual_seed(seed)
     if expert is not None:

@@ -64,6 +64,14 @@ def _steps(out: Path) -> list[dict]:
     return [r for r in rows if "loss" in r and "eval/loss" not in r]
 
 
+def _trained_since(out: Path, launched: float, start: int) -> bool:
+    """The process started at `launched` has logged a step past `start` (rows left by a killed predecessor are
+    older than `launched`; the resumed process drops them when it starts)."""
+    path = out / "metrics.jsonl"
+    return path.exists() and path.stat().st_mtime > launched and \
+        max([r["step"] for r in _steps(out)], default=0) > start
+
+
 def _last_checkpoint(out: Path) -> int:
     """The step a resume would start from (0: none)."""
     from mixdpo_ds.training.checkpoint import find_latest
@@ -92,11 +100,11 @@ def main() -> None:
         ref_steps, ref_export = _steps(work / "ref"), _export(work / "ref")
         out, lost, kills = work / "killed", [], 0
         while True:
-            start = _last_checkpoint(out)
+            start, launched = _last_checkpoint(out), time.time()
             proc = subprocess.Popen(_cmd(model, data, out), env=_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            if kills < args.kills:  # kill while it trains: after its first new step, at a random moment
-                while proc.poll() is None and max([r["step"] for r in _steps(out)], default=0) <= start:
+            if kills < args.kills:  # kill while it trains: after this process logged a new step, at a random moment
+                while proc.poll() is None and not _trained_since(out, launched, start):
                     time.sleep(0.02)
                 time.sleep(rng.uniform(0.0, 1.0))
             if kills < args.kills and proc.poll() is None:

@@ -107,7 +107,7 @@ def load_local(path: str, split: str, label: str, on_bad_row: str, columns_of, s
     combined, segments, files = {}, {}, []
     for name in dict.fromkeys(names):
         parts = []
-        for builder in sorted({builder_of(f) for f in by_split[name]}):
+        for builder in dict.fromkeys(builder_of(f) for f in by_split[name]):  # formats in file-name order
             group = [f for f in by_split[name] if builder_of(f) == builder]
             parts += _read_group(group, builder, root, label, on_bad_row, skipped)
         files += [f for p in parts for f in p.files]

@@ -36,6 +36,20 @@ def skippable_adamw(optimizer) -> SkippableAdamW:
     return optimizer
 
 
+def load_checked_data(cfg, tokenizer):
+    """The preference data, after the checks that need no engine: data.max_length against every model's positions
+    (before tokenising), and a user gate against the data's user column."""
+    from transformers import AutoConfig
+
+    from mixdpo_ds.training.data import check_lengths, check_user_gate, load_preference_data
+
+    for path in [reference_paths(cfg)] if isinstance(reference_paths(cfg), str) else reference_paths(cfg):
+        check_lengths(AutoConfig.from_pretrained(path), cfg.data)
+    data = load_preference_data(cfg.data, tokenizer)
+    check_user_gate(cfg.gate, data)
+    return data
+
+
 def build_engine(policy, cfg, ds_config: dict, total_steps: int):
     """The seam for parallelism: policy + run config -> (engine, optimizer, lr_scheduler).
 

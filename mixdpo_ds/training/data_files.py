@@ -46,11 +46,12 @@ def builder_of(path: str) -> str | None:
 def looks_local(path: str) -> bool:
     """Whether `path` (which does not exist) was meant as a local path rather than a hub dataset name.
 
-    Hub names are 'name' or 'owner/name', so a single '/' alone cannot tell; a local path is one that starts with
-    ./ ../ / ~, ends with a separator or a data-file extension, has two or more '/', holds the OS separator where
-    that is not '/', or whose first component is an existing local directory ('data/prefs' with ./data present).
+    Hub names are 'name' or 'owner/name', so a single '/' alone cannot tell. A local path is one that starts with
+    . / ~ (./ and ../ included), ends with a separator or a data-file extension, has two or more '/', holds the OS
+    separator where that is not '/', or whose first component is an existing local directory ('data/prefs' with
+    ./data present). 'dta/prefs' with no ./dta is taken for a hub name.
     """
-    if path in (".", "..") or path.startswith(("./", "../", "/", "~", ".\\", "..\\")):
+    if path.startswith((".", "/", "~")):  # hub names never start with these
         return True
     if path.endswith(("/", os.sep)) or builder_of(path) is not None or path.count("/") >= 2:
         return True
@@ -65,7 +66,7 @@ class _Part:
     ds: object  # datasets.Dataset
     files: list[str]
     builder: str
-    name: str  # the file (relative to the folder), or "N json files" for a group read at once
+    name: str  # the file (relative to the folder), or "N json files (first … last)" for a group read at once
 
 
 class Origins:
@@ -107,11 +108,11 @@ def load_local(path: str, split: str, label: str, on_bad_row: str, columns_of, s
     combined, segments, files = {}, {}, []
     for name in dict.fromkeys(names):
         parts = []
-        for builder in dict.fromkeys(builder_of(f) for f in by_split[name]):  # formats in file-name order
+        for builder in dict.fromkeys(builder_of(f) for f in by_split[name]):  # in the order of their first file
             group = [f for f in by_split[name] if builder_of(f) == builder]
             parts += _read_group(group, builder, root, label, on_bad_row, skipped)
         files += [f for p in parts for f in p.files]
-        combined[name] = _combine(parts, label, root, columns_of)
+        combined[name] = _combine(parts, label, columns_of)
         starts = [0]
         for p in parts:
             starts.append(starts[-1] + len(p.ds))
@@ -214,22 +215,47 @@ def _hf_load(builder: str, files: list[str]):
 
 def _read_group(files: list[str], builder: str, root: str | None, label: str, on_bad_row: str,
                 skipped: Counter) -> list[_Part]:
-    """Files of one format: read at once; if that fails, one by one, to name the file (and line) at fault."""
+    """Files of one format: read at once; if that fails, again file by file, to name the file (and line) at fault.
+    JSON files are scanned line by line first; runs of clean files are still read in one call each."""
     rel = (lambda f: os.path.relpath(f, root)) if root is not None else os.path.basename  # noqa: E731
+    where = (lambda f: label) if root is None else (lambda f: f"{label}: file {rel(f)}")  # noqa: E731
     if root is None and _is_blank(files[0]):
         raise ValueError(f"{label}: the file is empty (no rows)")
-    try:
-        ds = _hf_load(builder, files)
+
+    def at_once(group: list[str]) -> _Part:
+        ds = _hf_load(builder, group)
         if builder == "json":
             ds.data.table.validate(full=True)  # Arrow's JSON reader keeps invalid UTF-8; Python would fail later
-        name = rel(files[0]) if len(files) == 1 else f"{len(files)} {builder} files"
-        return [_Part(ds, files, builder, name)]
-    except Exception:  # noqa: BLE001 - datasets wraps every reader error; each file is read again below
+        name = rel(group[0]) if len(group) == 1 else f"{len(group)} {builder} files ({rel(group[0])} … " \
+                                                      f"{rel(group[-1])})"
+        return _Part(ds, list(group), builder, name)
+
+    def one_by_one(group: list[str]) -> list[_Part]:
+        return [_Part(_read_one(f, builder, where(f), on_bad_row, skipped), [f], builder, rel(f)) for f in group]
+
+    try:
+        return [at_once(files)]
+    except Exception:  # noqa: BLE001 - datasets wraps every reader error; the files are read again below
         pass
-    parts = []
+    if builder != "json":
+        return one_by_one(files)
+    parts, run = [], []
+
+    def flush():
+        if run:
+            try:
+                parts.append(at_once(run))
+            except Exception:  # noqa: BLE001 - e.g. files that disagree on a column's type
+                parts.extend(one_by_one(run))
+            run.clear()
     for f in files:
-        where = label if root is None else f"{label}: file {rel(f)}"
-        parts.append(_Part(_read_one(f, builder, where, on_bad_row, skipped), [f], builder, rel(f)))
+        good = _scan_json(f, where(f), on_bad_row, skipped)
+        if good is None:
+            run.append(f)
+        else:
+            flush()
+            parts.append(_Part(good, [f], builder, rel(f)))
+    flush()
     return parts
 
 
@@ -377,7 +403,7 @@ def _json_lines_dataset(lines: list[bytes], where: str):
 
 
 # ------------------------------------------------------------------------------------------ combining
-def _combine(parts: list[_Part], label: str, root: str | None, columns_of):
+def _combine(parts: list[_Part], label: str, columns_of):
     """One Dataset from parts that agree on the role columns (types unified), else an error listing them."""
     from datasets import concatenate_datasets
 

@@ -138,3 +138,38 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / "responsibilities.png")
     return written
+
+
+class CollapseWatch:
+    """The collapse detectors (core/collapse.py) over the most recent `window` training pairs: logged at every log
+    step as `collapse/*` and summarised at the end of training. One batch is too few pairs for a verdict, so the
+    window spans steps (with several ranks: this rank's pairs)."""
+
+    def __init__(self, window: int = 512):
+        self.window, self.parts = window, []
+
+    def add(self, margins: torch.Tensor, resp: torch.Tensor, w: torch.Tensor) -> None:
+        self.parts.append(tuple(t.detach().float().cpu() for t in (margins, resp, w)))
+        while sum(p[0].shape[0] for p in self.parts[1:]) >= self.window:
+            self.parts.pop(0)
+
+    def _cat(self):
+        return [torch.cat([p[i] for p in self.parts])[-self.window:] for i in range(3)]
+
+    def metrics(self) -> dict[str, float]:
+        from mixdpo_ds.core.collapse import collapse_metrics
+
+        return collapse_metrics(*self._cat()) if self.parts else {}
+
+    def summary(self) -> str | None:
+        """A warning line when a detector fires on the final window, else None."""
+        from mixdpo_ds.core.collapse import collapse_report
+
+        if not self.parts:
+            return None
+        report = collapse_report(*self._cat())
+        if not (report["merged"] or report["dead"] or report["saturated"]):
+            return None
+        return (f"mixture collapse in the last {min(self.window, sum(p[0].shape[0] for p in self.parts))} training "
+                f"pairs: merged experts {report['merged']}, dead experts {report['dead']}, gate saturated "
+                f"{report['saturated']} (docs: mixdpo_ds/core/collapse.py)")

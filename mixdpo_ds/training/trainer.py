@@ -27,22 +27,28 @@ from pathlib import Path
 
 import torch
 
-from mixdpo_ds.core.em import random_responsibilities, tau_at
-from mixdpo_ds.core.gumbel import sample_gumbel
+from mixdpo_ds.core.em import tau_at
 from mixdpo_ds.core.losses import MixDPOOutput, chosen_nll
 from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training import checkpoint as ckpt
 from mixdpo_ds.training.batch import as_pairs, model_inputs
-from mixdpo_ds.training.build import build_engine, build_reference, pretrain_gate_on_labels, skippable_adamw
+from mixdpo_ds.training.build import (
+    build_engine,
+    build_reference,
+    load_checked_data,
+    pretrain_gate_on_labels,
+    skippable_adamw,
+)
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
-from mixdpo_ds.training.data import batches, collate, load_preference_data, num_batches
+from mixdpo_ds.training.data import batches, collate, num_batches
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed
+from mixdpo_ds.training.draws import row_positions, step_draws
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
-from mixdpo_ds.training.metrics import MetricAccumulator, MetricsLogger, plot_metrics
+from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
 from mixdpo_ds.training.resume import load_newest_intact
 from mixdpo_ds.training.run_dir import finished_step, mark_finished, take_lock
 
@@ -76,7 +82,7 @@ class MixDPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.data = load_preference_data(cfg.data, self.tokenizer)
+        self.data = load_checked_data(cfg, self.tokenizer)
         if self.data.skipped:
             log.warning("data: skipped bad rows %s", self.data.skipped)
         self.batches_per_epoch = num_batches(len(self.data.train), t.micro_batch_size, self.world)
@@ -110,6 +116,7 @@ class MixDPOTrainer:
         self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise
         self._warn_config()
         self.guard, self.divergence = NonFiniteGuard(t.nonfinite, self.zero_stage, self.device), DivergenceWatch()
+        self.collapse = CollapseWatch()
 
         resume = ckpt.resolve_resume(t.resume_from, self.out_dir)
         self.acc = MetricAccumulator()
@@ -211,35 +218,20 @@ class MixDPOTrainer:
             norm = torch.as_tensor(float(self.engine.get_global_grad_norm()))
         return norm
 
-    def _step_draws(self, warm: bool):
-        """Random draws of one optimizer step for its global batch (G·b·world pairs), so that they do not depend
-        on how the batch is split into micro-batches and ranks: warm-up q (N, K), Gumbel noise (L, N, K) x 2."""
-        t, em = self.cfg.train, self.cfg.em
-        N = t.grad_accum * t.micro_batch_size * self.world
-        resp = random_responsibilities(N, self.K, em.dirichlet_alpha, self.cpu_gen, self.device) if warm else None
-        noise = gate_noise = None
-        if em.mode == "gumbel" and not warm:
-            noise = sample_gumbel((em.gumbel.samples, N, self.K), generator=self.dev_gen, device=self.device)
-            if self.gate_step.mode == "alternate":
-                gate_noise = sample_gumbel((em.gumbel.samples, N, self.K), generator=self.dev_gen, device=self.device)
-        return resp, noise, gate_noise
-
-    def _rows(self, micro: int, B: int) -> torch.Tensor:
-        """Positions of this rank's pairs of micro-batch `micro` in the optimizer step's global batch (the order
-        of `data.batches`): micro-batch j, rank r, row i is pair j·b·W + r·b + i."""
-        return micro * B * self.world + self.rank * B + torch.arange(B, device=self.device)
-
     def em_step(self) -> StepRecord:
         """One optimizer step of Algorithm 1: per micro-batch policy forward, gate forward, E-step + loss, policy
         M-step; then the gate's E/M-step on the whole optimizer batch (training/gate_step.py)."""
         warm = self.step < self.cfg.em.warmup_random_steps
-        resp_all, noise_all, gate_noise = self._step_draws(warm)
+        t = self.cfg.train  # the step's draws, for its global batch (training/draws.py)
+        resp_all, noise_all, gate_noise = step_draws(t.grad_accum * t.micro_batch_size * self.world, self.K,
+                                                     self.cfg.em, warm, self.gate_step.mode == "alternate",
+                                                     self.cpu_gen, self.dev_gen, self.device)
         record = StepRecord(warm=warm, lambda_global=self.phase().lambda_global)
         G, norm = self.cfg.train.grad_accum, None
         for micro in range(G):
             batch = self.next_batch()
             B = batch["index"].shape[0]
-            rows = self._rows(micro, B)
+            rows = row_positions(micro, B, self.rank, self.world, self.device)
             out = self.policy_forward(batch)
             log_w = self.gate_forward(out, batch)
             policy_logps, ref_logps = as_pairs(out.logps, B), self.ref_logps(batch, out)
@@ -255,9 +247,9 @@ class MixDPOTrainer:
                 batch, feats, policy_logps.detach(), ref_logps, log_w.clone(), res.resp, res.margins.detach(),
                 None if noise_all is None else noise_all[:, rows],
                 {"policy_loss": loss.detach(), "gate_loss": res.gate_loss.detach(), **res.metrics, **extra}))
-        if gate_noise is not None:
-            gate_noise = gate_noise[:, torch.cat([self._rows(j, B) for j in range(G)])]
-        record.gate_noise = gate_noise
+        if gate_noise is not None:  # this rank's rows, in the order of record.cat
+            record.gate_noise = gate_noise[:, torch.cat([row_positions(j, B, self.rank, self.world, self.device)
+                                                         for j in range(G)])]
         if not record.skipped:
             record.gate_metrics = self.gate_step.step(record, self._refresh_forward, self.batch_loss)
         record.metrics = self._step_metrics(record, norm)
@@ -308,6 +300,7 @@ class MixDPOTrainer:
                 self.guard.skip_step()
             else:
                 self.acc.add(record.metrics)
+                self.collapse.add(record.cat("margins"), record.cat("resp"), record.cat("log_w").exp())
             self.callbacks.on_step_end(self, self.step, record)
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -321,6 +314,8 @@ class MixDPOTrainer:
                 self.save_checkpoint()
             t0 += time.perf_counter() - paused  # tokens/s counts training time only
         bar.close()
+        if (verdict := self.collapse.summary()) is not None:
+            log.warning(verdict)
         self.evaluate()
         self.save_checkpoint()
         self.finish()
@@ -333,6 +328,7 @@ class MixDPOTrainer:
         metrics["learning_rate"] = float(self.lr_scheduler.get_last_lr()[0])
         metrics["epoch"] = self.epoch + self.batch_in_epoch / self.batches_per_epoch
         metrics["nonfinite/skipped_steps"] = self.guard.skipped
+        metrics.update(self.collapse.metrics())
         self.divergence.update(self.step, metrics.get("loss", math.nan), metrics["learning_rate"])
         self.logger.log(self.step, metrics)
         self.callbacks.on_log(self, self.step, metrics)

@@ -244,3 +244,17 @@ def test_callbacks_see_every_step_and_the_alternate_gate_trains_past_its_pretrai
     assert all(abs(steps[e[1]] - e[2]) < 1e-6 for e in spy.events if e[0] == "log")  # log_every=1: the same loss
     moved = [k for k in after if not torch.equal(after[k], spy.gate_after_pretraining[k])]
     assert "net.weight" in moved, moved
+
+
+def test_a_forced_collapse_is_detected_and_reported(tiny_gpt2_dir, prefs_jsonl, tmp_path, caplog):
+    """Two identical heads (no init noise, no random warm-up): they get identical updates forever, so their margins
+    are equal on every pair; the collapse detectors flag the merged pair in the logged metrics and at the end."""
+    rows = train_rows(train(tiny_gpt2_dir, prefs_jsonl, tmp_path / "merged", **{
+        "experts.num_experts": 2, "experts.init_noise": 0.0, "train.max_steps": 6, "train.lr": 1e-2,
+        "train.micro_batch_size": 8, "loss.beta": 0.5, "train.export": False}))
+    assert rows[-1]["collapse/merged_pairs"] == 1 and rows[-1]["collapse/max_margin_corr"] > 0.999
+    assert "mixture collapse in the last" in caplog.text and "merged experts [(0, 1)]" in caplog.text
+    distinct = train_rows(train(tiny_gpt2_dir, prefs_jsonl, tmp_path / "distinct", **{
+        "experts.num_experts": 2, "experts.init_noise": 1.0, "em.warmup_random_steps": 3, "train.max_steps": 6,
+        "train.lr": 1e-2, "train.micro_batch_size": 8, "loss.beta": 0.5, "train.export": False}))
+    assert distinct[-1]["collapse/max_margin_corr"] < rows[-1]["collapse/max_margin_corr"]

@@ -211,6 +211,12 @@ def test_a_folder_is_read_in_one_call_per_format(tmp_path, tiny_tokenizer, monke
     real = data_files._hf_load
     monkeypatch.setattr(data_files, "_hf_load", lambda b, f: calls.append(len(f)) or real(b, f))
     assert len(load(tiny_tokenizer, d).train) == 12 and calls == [4]
+    # a malformed line in s2 (skipped): the clean runs around it are still read one call each
+    (d / "s2.jsonl").write_text(jsonl(ROWS[6:9]) + "{bad\n")
+    calls.clear()
+    data = load(tiny_tokenizer, d, on_bad_row="skip")
+    assert len(data.train) == 12 and data.skipped == {"malformed_json": 1} and calls == [4, 2, 1]
+    assert [e["index"] for e in data.train] == list(range(12))
 
 
 # --------------------------------------------------------------------------------- checks against the run

@@ -123,12 +123,23 @@ def test_evaluate_checks_max_length_against_the_model(user_run, tmp_path):
 def test_evaluate_fails_on_non_finite_margins(tmp_path, tiny_gpt2_dir, tiny_tokenizer, capsys):
     run = make_run(tmp_path, tiny_gpt2_dir, tiny_tokenizer, nan=True)
     data, out = write_rows(tmp_path / "d.jsonl", ROWS), tmp_path / "eval" / "e.jsonl"
-    with pytest.raises(NonFiniteError, match=r"^evaluate: 6 of 6 pairs have non-finite \(NaN/inf\) expert margins"):
+    with pytest.raises(NonFiniteError, match=r"^evaluate: 6 of 6 pairs have non-finite \(NaN/inf\) expert margin"):
         evaluate_run(str(run), data, str(out))
     summary = json.loads((tmp_path / "eval" / "e.summary.json").read_text())
     assert summary["non_finite"] == {"margins": 6, "w": 0}
     capsys.readouterr()
     assert cli.main(["evaluate", "--run", str(run), "--data", data, "--out", str(out)]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars of model loading
     assert err.startswith("error: evaluate: 6 of 6 pairs have non-finite (NaN/inf) expert margins: the model, "
                           "reference or gate produced NaN/inf")
+
+
+def test_fit_prompt_keeps_the_tokenizer_prefix_and_the_last_tokens(caplog):
+    from mixdpo_ds.training.generate import fit_prompt
+
+    assert fit_prompt([1, 2, 3], 8, 4, keep_prefix=1) == [1, 2, 3]  # fits: unchanged
+    with caplog.at_level(logging.WARNING, logger="mixdpo_ds.training.generate"):
+        assert fit_prompt([1, 2, 3, 4, 5, 6], 5, 2, keep_prefix=1) == [1, 5, 6]  # BOS + the last 2
+    assert "the prompt has 6 tokens: kept its last 2 (dropped 3 from the left)" in caplog.text
+    with pytest.raises(ValueError, match="--max-new-tokens=4 leaves no room"):
+        fit_prompt([1, 2, 3, 4, 5, 6], 5, 4, keep_prefix=1)

@@ -37,7 +37,12 @@ class GateConfig:
     num_users: int | None = field(default=None, metadata={"help": "number of user ids (None: from the data)"})
     rho: float = field(default=1.0, metadata={"help": "mix: closed-form step size in (0, 1]; 1 = minibatch "
                                                       "replacement (D.4)"})
-    w_min: float = field(default=1e-3, metadata={"help": "mix: floor of every weight, in [0, 1/K)"})
+    w_min: float = field(default=1e-3, metadata={
+        "help": "floor of every weight, in [0, 1/K): mix: the closed form's floor; moe: w = w_min + (1 − K·w_min)·"
+                "softmax(g), so no weight reaches 0 and the posterior can always move a user or prompt again"})
+    hold_steps: int = field(default=0, metadata={
+        "help": "moe: optimizer steps (after em.warmup_random_steps) during which the gate is not trained, so the "
+                "experts separate before the gate commits (a gate warm-up against lock-in)"})
     lr: float = field(default=1e-3, metadata={"help": "moe: gate learning rate"})
     init: str = field(default="uniform", metadata={"help": "uniform (w = 1/K at start) | random (mix: Dirichlet(1) "
                                                            "sample; moe: default layer init)"})
@@ -58,6 +63,8 @@ class GateConfig:
             raise ValueError("gate.mlp_hidden and gate.user_dim must be >= 1")
         if self.num_users is not None and self.num_users < 0:
             raise ValueError(f"gate.num_users={self.num_users}: must be >= 0")
+        if self.hold_steps < 0:
+            raise ValueError(f"gate.hold_steps={self.hold_steps}: must be >= 0")
         if self.pretrain_steps < 0:
             raise ValueError(f"gate.pretrain_steps={self.pretrain_steps}: must be >= 0")
         if self.pretrain_steps > 0 and not self.pretrain_label_column:
@@ -119,6 +126,8 @@ class MoEGate(nn.Module):
 
     def __init__(self, cfg: GateConfig, num_experts: int, hidden_size: int, num_users: int | None = None):
         super().__init__()
+        if not cfg.w_min * num_experts < 1:
+            raise ValueError(f"gate.w_min={cfg.w_min}: must be < 1/K = {1 / num_experts:.4g}")
         self.cfg, self.num_experts, self.hidden_size = cfg, num_experts, hidden_size
         self.num_users = num_users if num_users is not None else cfg.num_users
         in_dim = hidden_size if cfg.uses_prompt else 0
@@ -154,7 +163,12 @@ class MoEGate(nn.Module):
                 raise ValueError(f"user id out of range [-1, {self.num_users}) (gate.num_users={self.num_users})")
             inputs.append(self.user_embedding(torch.where(ids < 0, self.num_users, ids)))
         x = torch.cat(inputs, dim=-1)                                  # (B, in_dim)
-        return F.log_softmax(self.net(x).float(), dim=-1)              # (B, K) fp32
+        log_w = F.log_softmax(self.net(x).float(), dim=-1)             # (B, K) fp32
+        eps = self.cfg.w_min
+        if eps == 0:
+            return log_w
+        # log(ε + (1 − Kε) softmax(g)), computed in log space
+        return torch.logaddexp(torch.full_like(log_w, math.log(eps)), log_w + math.log1p(-self.num_experts * eps))
 
     @property
     def net_dtype(self) -> torch.dtype:

@@ -9,6 +9,8 @@ ranks together, so `grad_accum = G, micro_batch = b` gives the same run as `grad
     alternate    MoE-DPO (paper §4.2): refresh, then the E-step under the current gate, then the L_gate step
     frozen       nothing (`em.gate_update=frozen`, or a gate without parameters)
 
+A MoE gate is also held (not trained) for `gate.hold_steps` steps after the random warm-up.
+
 Refresh (`em.refresh`, always on for `alternate`) is the paper's reward update: the policy log-probs are recomputed
 after the policy step, so the gate's E-step sees the updated experts. λ_global · KL(w̄ ‖ U) takes w̄ over the global
 batch through a differentiable all-reduce. The gate reads detached prompt features: it never trains the trunk.
@@ -49,6 +51,7 @@ class StepRecord:
     """One optimizer step: its micro-batches in order, the gate step's metrics, the step's merged metrics."""
 
     warm: bool
+    step: int = 0  # optimizer steps done before this one
     skipped: bool = False  # a non-finite loss or gradient dropped this step (training/guard.py)
     lambda_global: float = 0.0  # λ_global of the step's phase
     gate_noise: Tensor | None = None  # (L, G·b, K) fresh Gumbel noise for the `alternate` gate E-step
@@ -81,8 +84,8 @@ class GateStep:
     """The gate, its optimizer and its once-per-optimizer-step update."""
 
     def __init__(self, gate, gate_kind: str, gate_update: str, refresh: bool, lr: float, lr_lambda, world: int,
-                 eps: float = 1e-8):
-        self.gate, self.world = gate, world
+                 eps: float = 1e-8, hold_until: int = 0):
+        self.gate, self.world, self.hold_until = gate, world, hold_until
         params = list(gate.parameters())
         self.mode = gate_mode(gate_kind, gate_update, bool(params))
         self.refresh = self.mode == "alternate" or (self.mode == "closed_form" and refresh)
@@ -112,6 +115,8 @@ class GateStep:
         Held during the random warm-up: its responsibilities say nothing about the data.
         """
         if self.mode == "frozen" or record.warm:
+            return {}
+        if self.optimizer is not None and record.step < self.hold_until:  # gate.hold_steps: experts separate first
             return {}
         logps, feats = record.cat("policy_logps"), record.cat("features")
         if self.refresh:

@@ -110,7 +110,7 @@ class MixDPOTrainer:
         self.gate = gate.to(self.device)
         self.gate_step = GateStep(self.gate, cfg.gate.kind, em.gate_update, em.refresh, cfg.gate.lr,
                                   lr_lambda(t.warmup_steps, self.total_steps, t.lr_schedule), self.world,
-                                  eps=t.adam_epsilon)
+                                  eps=t.adam_epsilon, hold_until=em.warmup_random_steps + cfg.gate.hold_steps)
         self.schedule = em.schedule(cfg.loss.beta)
         self.cpu_gen = torch.Generator().manual_seed(t.seed + 1)  # Dirichlet warm-up
         self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise
@@ -226,7 +226,7 @@ class MixDPOTrainer:
         resp_all, noise_all, gate_noise = step_draws(t.grad_accum * t.micro_batch_size * self.world, self.K,
                                                      self.cfg.em, warm, self.gate_step.mode == "alternate",
                                                      self.cpu_gen, self.dev_gen, self.device)
-        record = StepRecord(warm=warm, lambda_global=self.phase().lambda_global)
+        record = StepRecord(warm=warm, step=self.step, lambda_global=self.phase().lambda_global)
         G, norm = self.cfg.train.grad_accum, None
         for micro in range(G):
             batch = self.next_batch()

@@ -258,3 +258,31 @@ def test_a_forced_collapse_is_detected_and_reported(tiny_gpt2_dir, prefs_jsonl, 
         "experts.num_experts": 2, "experts.init_noise": 1.0, "em.warmup_random_steps": 3, "train.max_steps": 6,
         "train.lr": 1e-2, "train.micro_batch_size": 8, "loss.beta": 0.5, "train.export": False}))
     assert distinct[-1]["collapse/max_margin_corr"] < rows[-1]["collapse/max_margin_corr"]
+
+
+def test_gate_hold_steps_keep_the_moe_gate_until_the_experts_have_moved(tiny_gpt2_dir, prefs_jsonl, tmp_path):
+    """gate.hold_steps=2 after a 1-step random warm-up: the gate is untouched by steps 1-3, trained from step 4."""
+    from mixdpo_ds.training.callbacks import TrainerCallback
+    from mixdpo_ds.training.config import load_config
+    from mixdpo_ds.training.trainer import MixDPOTrainer
+
+    from .conftest import base_overrides
+
+    class Snap(TrainerCallback):
+        states = []
+
+        def on_step_end(self, trainer, step, record):
+            self.states.append(trainer.gate.state_dict()["net.weight"].clone())
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    cfg = load_config(config, base_overrides(tiny_gpt2_dir, prefs_jsonl, tmp_path / "hold", **{
+        "experts.num_experts": 2, "gate.kind": "moe", "gate.features": "user", "gate.lr": 0.05,
+        "gate.hold_steps": 2, "em.warmup_random_steps": 1, "train.max_steps": 5, "train.export": False}))
+    trainer = MixDPOTrainer(cfg, callbacks=[Snap()])
+    trainer.setup()
+    try:
+        start = trainer.gate.state_dict()["net.weight"].clone()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert [torch.equal(s, start) for s in Snap.states] == [True, True, True, False, False]

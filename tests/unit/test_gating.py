@@ -125,3 +125,23 @@ def test_save_load_round_trip(tmp_path, cfg):
     assert loaded.cfg == cfg
     if isinstance(loaded, MoEGate):
         assert loaded.num_users == 4 and loaded.hidden_size == 8
+
+
+def test_moe_gate_floor_by_hand():
+    """w_min = 0.1, K = 2, logits (0, ln 3): softmax (0.25, 0.75) -> w = 0.1 + 0.8·(0.25, 0.75) = (0.3, 0.7);
+    logits (0, 100): softmax ≈ (0, 1) -> (0.1, 0.9): no weight below the floor."""
+    import math
+
+    gate = build_gate(GateConfig(kind="moe", features="user", user_dim=1, w_min=0.1), num_experts=2, hidden_size=4,
+                      num_users=2)
+    with torch.no_grad():
+        gate.user_embedding.weight.copy_(torch.tensor([[1.0], [2.0], [0.0]]))
+        gate.net.weight.copy_(torch.tensor([[0.0], [math.log(3)]]))
+        gate.net.bias.zero_()
+    w = gate(None, torch.tensor([0])).exp()
+    torch.testing.assert_close(w, torch.tensor([[0.3, 0.7]]))
+    with torch.no_grad():
+        gate.net.weight.copy_(torch.tensor([[0.0], [50.0]]))
+    torch.testing.assert_close(gate(None, torch.tensor([1])).exp(), torch.tensor([[0.1, 0.9]]))
+    with pytest.raises(ValueError, match="gate.w_min=0.5: must be < 1/K"):
+        build_gate(GateConfig(kind="moe", features="user", w_min=0.5), num_experts=2, hidden_size=4, num_users=2)

@@ -40,6 +40,10 @@ class GateConfig:
     w_min: float = field(default=1e-3, metadata={
         "help": "floor of every weight, in [0, 1/K): mix: the closed form's floor; moe: w = w_min + (1 − K·w_min)·"
                 "softmax(g), so no weight reaches 0 and the posterior can always move a user or prompt again"})
+    adam_epsilon: float | None = field(default=None, metadata={
+        "help": "moe: AdamW ε of the gate's optimizer (null: train.adam_epsilon). Adam moves every weight by about "
+                "gate.lr per step whatever the gradient's size; a larger ε makes a near-zero gradient (experts still "
+                "alike, q ≈ w) move the gate little instead of by ±lr"})
     hold_steps: int = field(default=0, metadata={
         "help": "moe: optimizer steps (after em.warmup_random_steps) during which the gate is not trained, so the "
                 "experts separate before the gate commits (a gate warm-up against lock-in)"})
@@ -63,6 +67,8 @@ class GateConfig:
             raise ValueError("gate.mlp_hidden and gate.user_dim must be >= 1")
         if self.num_users is not None and self.num_users < 0:
             raise ValueError(f"gate.num_users={self.num_users}: must be >= 0")
+        if self.adam_epsilon is not None and not 0 < self.adam_epsilon < 1e3:
+            raise ValueError(f"gate.adam_epsilon={self.adam_epsilon}: must be in (0, 1000) or null")
         if self.hold_steps < 0:
             raise ValueError(f"gate.hold_steps={self.hold_steps}: must be >= 0")
         if self.pretrain_steps < 0:

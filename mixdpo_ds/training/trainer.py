@@ -110,7 +110,8 @@ class MixDPOTrainer:
         self.gate = gate.to(self.device)
         self.gate_step = GateStep(self.gate, cfg.gate.kind, em.gate_update, em.refresh, cfg.gate.lr,
                                   lr_lambda(t.warmup_steps, self.total_steps, t.lr_schedule), self.world,
-                                  eps=t.adam_epsilon, hold_until=em.warmup_random_steps + cfg.gate.hold_steps)
+                                  eps=cfg.gate.adam_epsilon or t.adam_epsilon,
+                                  hold_until=em.warmup_random_steps + cfg.gate.hold_steps)
         self.schedule = em.schedule(cfg.loss.beta)
         self.cpu_gen = torch.Generator().manual_seed(t.seed + 1)  # Dirichlet warm-up
         self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise

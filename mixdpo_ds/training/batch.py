@@ -14,3 +14,9 @@ def as_pairs(x: torch.Tensor, B: int) -> torch.Tensor:
 def model_inputs(batch: dict, device) -> dict:
     """The policy forward's keyword arguments of a collated batch, on `device`."""
     return {k: batch[k].to(device) for k in MODEL_KEYS}
+
+
+def chosen_prompt_features(out, B: int) -> torch.Tensor | None:
+    """(B, H) fp32 prompt features of the chosen rows (the rejected rows share the prompt), or None when the policy
+    gives none: what the gate reads."""
+    return out.prompt_features[:B].float() if out.prompt_features is not None else None

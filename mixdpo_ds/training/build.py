@@ -9,7 +9,7 @@ import logging
 import torch
 
 from mixdpo_ds.model.reference import PolicyReference
-from mixdpo_ds.training.batch import model_inputs
+from mixdpo_ds.training.batch import chosen_prompt_features, model_inputs
 from mixdpo_ds.training.deepspeed_config import lr_lambda, zero_stage_of
 from mixdpo_ds.training.distributed import replicated_load
 
@@ -43,7 +43,8 @@ def load_checked_data(cfg, tokenizer):
 
     from mixdpo_ds.training.data import check_lengths, check_user_gate, load_preference_data
 
-    for path in [reference_paths(cfg)] if isinstance(reference_paths(cfg), str) else reference_paths(cfg):
+    paths = reference_paths(cfg)  # the base, or the K initial checkpoints of `models` experts
+    for path in [paths] if isinstance(paths, str) else paths:
         check_lengths(AutoConfig.from_pretrained(path), cfg.data)
     data = load_preference_data(cfg.data, tokenizer)
     check_user_gate(cfg.gate, data)
@@ -129,7 +130,7 @@ def pretrain_gate_on_labels(cfg, engine, gate, examples: list[dict], collate, K:
             batch = collate(examples[i:i + cfg.train.micro_batch_size])
             out = engine(**model_inputs(batch, device))
             B = batch["index"].shape[0]
-            feats.append(out.prompt_features[:B].float() if out.prompt_features is not None else None)
+            feats.append(chosen_prompt_features(out, B))
             users.append(batch["user_ids"].to(device))
     features = torch.cat(feats) if feats and feats[0] is not None else None
     labels = torch.tensor([ex["group"] for ex in examples], device=device) % K

@@ -93,6 +93,19 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def all_reduce_min(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise minimum of `t` over ranks (a new tensor). Identity on one rank."""
+    out = t.detach().clone()
+    if is_initialized() and torch_dist.get_world_size(group) > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MIN, group=group)
+    return out
+
+
+def all_ranks_true(flag: bool, device="cpu") -> bool:
+    """True when `flag` holds on every rank (every rank must call it)."""
+    return bool(all_reduce_min(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0)
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of `t` over ranks (a new tensor; no autograd). Identity on one rank."""
     out = t.detach().clone()

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mixdpo_ds.core.losses import mixdpo_loss
-from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs
+from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs, chosen_prompt_features
 from mixdpo_ds.training.config import load_config
 from mixdpo_ds.training.data import check_lengths, collate, load_preference_data
 
@@ -150,7 +150,7 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
         out = policy(**{k: batch[k].to(device) for k in MODEL_KEYS})  # logps (2B, K)
         ref = as_pairs(reference.logps(batch).to(device), B)  # (B, 2) or (B, 2, K)
         users = torch.tensor([user_map.get(int(u), -1) for u in batch["user_ids"]], device=device)
-        feats = out.prompt_features[:B].float() if out.prompt_features is not None else None
+        feats = chosen_prompt_features(out, B)
         log_w = gate(feats, users, batch_size=B) if gate is not None else torch.full((B, K), -torch.log(
             torch.tensor(float(K))).item(), device=device)
         res = mixdpo_loss(as_pairs(out.logps, B), ref, log_w, beta, posterior_correction=cfg.em.posterior_correction,

@@ -1,14 +1,14 @@
 """Non-finite losses and gradients never reach the weights; a diverging loss is reported.
 
 `train.nonfinite`:
-- `stop` (default): a non-finite loss (checked before its backward) or gradient norm (checked before the optimizer
-  step) stops the run with an error naming the step, the micro-batch and its dataset rows. The weights were not
-  updated, so the last checkpoint and every weight on disk stay finite.
-- `skip`: the whole optimizer step is dropped: the step's gradients are discarded before the optimizer runs (AdamW
-  skips parameters without a gradient, its moments included), the gate is not updated, the skip is counted
-  (`nonfinite/skipped_steps` in the metrics) and training goes on with the next batch. ZeRO-0 only: at ZeRO ≥ 1
-  the gradients live in DeepSpeed's partitions, where they cannot be discarded.
-All ranks agree on each decision (one all-reduce of a flag per micro-batch).
+- `stop` (default): a non-finite loss or gradient norm (both checked before the optimizer step) stops the run
+  with an error naming the step, the micro-batch and its dataset rows. The weights were not updated, so the last
+  checkpoint and every weight on disk stay finite.
+- `skip`: the whole optimizer step is dropped: its optimizer update does not run (`SkippableAdamW`: parameters and
+  moments untouched; the engine then clears the gradients as after any step), the gate is not updated, the skip is
+  counted (`nonfinite/skipped_steps` in the metrics) and training goes on with the next batch. ZeRO-0 only: at
+  ZeRO ≥ 1 the optimizer step is DeepSpeed's own, where it cannot be skipped.
+All ranks agree on each decision (one all-reduce of the step's flags at the accumulation boundary).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import logging
 import math
 
 import torch
+
+from mixdpo_ds.training.distributed import all_reduce_min
 
 log = logging.getLogger("mixdpo_ds")
 MODES = ("stop", "skip")
@@ -25,33 +27,30 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def all_ranks_true(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
 class NonFiniteGuard:
     def __init__(self, mode: str, zero_stage: int, device):
         if mode not in MODES:
             raise ValueError(f"train.nonfinite={mode!r}: allowed {list(MODES)}")
         if mode == "skip" and zero_stage != 0:
-            raise ValueError(f"train.nonfinite=skip needs ZeRO-0 (the run uses ZeRO-{zero_stage}, whose partitioned "
-                             "gradients cannot be discarded); use train.nonfinite=stop")
+            raise ValueError(f"train.nonfinite=skip needs ZeRO-0 (the run uses ZeRO-{zero_stage}, whose optimizer step "
+                             "is DeepSpeed's own and is not tested with a skipped update); use train.nonfinite=stop")
         self.mode, self.device, self.skipped = mode, device, 0
 
-    def loss_ok(self, loss: torch.Tensor, step: int, micro: int, batch: dict) -> bool:
-        """True when every rank's micro-batch loss is finite; else stop (raise) or return False (skip)."""
-        if all_ranks_true(bool(torch.isfinite(loss.detach()).all()), self.device):
+    def step_ok(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None, step: int, batches) -> bool:
+        """At the accumulation boundary, before the optimizer step: True when every micro-batch loss of the step
+        (and the gradient norm, when known) is finite on every rank; else stop (raise) or return False (skip).
+        One all-reduce and one device sync per optimizer step; the backward of a non-finite loss only wrote
+        gradients, which the skipped (or never run) optimizer step discards."""
+        flags = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]
+                            + ([torch.isfinite(grad_norm)] if grad_norm is not None else [])).float()
+        flags = all_reduce_min(flags.to(self.device)).tolist()
+        if min(flags) > 0:
             return True
-        return self._bad(f"non-finite loss {float(loss):.4g} at step {step + 1}, micro-batch {micro} (dataset rows "
-                         f"{batch['index'].tolist()} on this rank, or another rank's)")
-
-    def grad_norm_ok(self, norm: torch.Tensor | None, step: int) -> bool:
-        if norm is None or all_ranks_true(bool(torch.isfinite(norm)), self.device):
-            return True
-        return self._bad(f"non-finite gradient norm at step {step + 1}")
+        bad = flags.index(0.0)
+        if bad == len(losses):
+            return self._bad(f"non-finite gradient norm at step {step + 1}")
+        return self._bad(f"non-finite loss {float(losses[bad]):.4g} at step {step + 1}, micro-batch {bad} (dataset "
+                         f"rows {batches[bad]['index'].tolist()} on this rank, or another rank's)")
 
     def _bad(self, what: str) -> bool:
         if self.mode == "stop":

@@ -149,12 +149,12 @@ class CollapseWatch:
         self.window, self.parts = window, []
 
     def add(self, margins: torch.Tensor, resp: torch.Tensor, w: torch.Tensor) -> None:
-        self.parts.append(tuple(t.detach().float().cpu() for t in (margins, resp, w)))
+        self.parts.append(tuple(t.detach() for t in (margins, resp, w)))  # stays on the device: no sync per step
         while sum(p[0].shape[0] for p in self.parts[1:]) >= self.window:
             self.parts.pop(0)
 
     def _cat(self):
-        return [torch.cat([p[i] for p in self.parts])[-self.window:] for i in range(3)]
+        return [torch.cat([p[i] for p in self.parts])[-self.window:].float().cpu() for i in range(3)]
 
     def metrics(self) -> dict[str, float]:
         from mixdpo_ds.core.collapse import collapse_metrics

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mixdpo_ds.training import checkpoint as ckpt
-from mixdpo_ds.training.guard import all_ranks_true
+from mixdpo_ds.training.distributed import all_ranks_true
 
 log = logging.getLogger("mixdpo_ds")
 

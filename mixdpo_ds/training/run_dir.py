@@ -70,7 +70,7 @@ def finished_step(out_dir: str | Path) -> int | None:
 
 def take_lock(out_dir: str | Path, rank: int) -> RunLock:
     """Rank 0 locks output_dir for the run's life; every rank fails if another run holds it."""
-    from mixdpo_ds.training.guard import all_ranks_true
+    from mixdpo_ds.training.distributed import all_ranks_true
 
     lock, err = RunLock(out_dir), None
     if rank == 0:

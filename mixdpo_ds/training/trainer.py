@@ -32,7 +32,7 @@ from mixdpo_ds.core.losses import MixDPOOutput, chosen_nll
 from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training import checkpoint as ckpt
-from mixdpo_ds.training.batch import as_pairs, model_inputs
+from mixdpo_ds.training.batch import as_pairs, chosen_prompt_features, model_inputs
 from mixdpo_ds.training.build import (
     build_engine,
     build_reference,
@@ -175,8 +175,7 @@ class MixDPOTrainer:
     def gate_forward(self, out, batch: dict, grad: bool = False) -> torch.Tensor:
         """(B, K) log w from the prompt features of the chosen rows (same prompt as the rejected rows)."""
         B = batch["index"].shape[0]
-        feats = out.prompt_features[:B].float() if out.prompt_features is not None else None
-        return self.gate_step.log_w(feats, batch["user_ids"].to(self.device), B, grad=grad)
+        return self.gate_step.log_w(chosen_prompt_features(out, B), batch["user_ids"].to(self.device), B, grad=grad)
 
     def phase(self):
         """The regulariser phase (docs/math.md §7) in force at the current step."""
@@ -205,14 +204,15 @@ class MixDPOTrainer:
 
     def policy_m_step(self, loss: torch.Tensor, boundary: bool, record: StepRecord) -> torch.Tensor | None:
         """Backward through the engine; at the accumulation boundary the optimizer steps. -> grad norm there.
-        A step marked `skipped` (training/guard.py) runs no optimizer update."""
+        Before it, the step's losses and gradient norm are checked (training/guard.py); a bad step runs no update."""
         self.engine.backward(loss)
         norm = None
         if boundary and self.zero_stage == 0:  # ZeRO-0 keeps the (already all-reduced) gradients in p.grad
             grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else None
-            record.skipped |= not self.guard.grad_norm_ok(norm, self.step)
-        if boundary and record.skipped:
+        if boundary and not self.guard.step_ok([m.metrics["policy_loss"] for m in record.micro], norm, self.step,
+                                               [m.batch for m in record.micro]):
+            record.skipped = True
             skippable_adamw(self.optimizer).skip_next = True  # parameters and AdamW moments stay as they are
         self.engine.step()
         if boundary and norm is None and self.engine.get_global_grad_norm() is not None:
@@ -239,15 +239,12 @@ class MixDPOTrainer:
             res = self.batch_loss(policy_logps, ref_logps, log_w, resp=None if resp_all is None else resp_all[rows],
                                   noise=None if noise_all is None else noise_all[:, rows])
             loss, extra = self.policy_objective(res, batch, policy_logps)
-            if not self.guard.loss_ok(loss, self.step, micro, batch):  # (skip mode) the step will be dropped
-                zero = sum((p * 0).sum() for p in self.engine.module.parameters() if p.requires_grad)
-                record.skipped, loss = True, zero  # a finite zero gradient keeps the engine's micro-steps in order
-            norm = self.policy_m_step(loss, boundary=micro == G - 1, record=record)
-            feats = out.prompt_features[:B].float() if out.prompt_features is not None else None
+            feats = chosen_prompt_features(out, B)
             record.micro.append(MicroRecord(
                 batch, feats, policy_logps.detach(), ref_logps, log_w.clone(), res.resp, res.margins.detach(),
                 None if noise_all is None else noise_all[:, rows],
                 {"policy_loss": loss.detach(), "gate_loss": res.gate_loss.detach(), **res.metrics, **extra}))
+            norm = self.policy_m_step(loss, boundary=micro == G - 1, record=record)
         if gate_noise is not None:  # this rank's rows, in the order of record.cat
             record.gate_noise = gate_noise[:, torch.cat([row_positions(j, B, self.rank, self.world, self.device)
                                                          for j in range(G)])]
@@ -261,7 +258,7 @@ class MixDPOTrainer:
         """The policy's log-probs (B, 2, K) and prompt features after its step (the paper's reward update)."""
         out = self.policy_forward(batch)
         B = batch["index"].shape[0]
-        return as_pairs(out.logps, B), out.prompt_features[:B].float() if out.prompt_features is not None else None
+        return as_pairs(out.logps, B), chosen_prompt_features(out, B)
 
     def _step_metrics(self, record: StepRecord, grad_norm) -> dict[str, torch.Tensor]:
         """Means over the step's micro-batches; `loss` is the optimised objective (docs/math.md §10)."""
@@ -366,7 +363,7 @@ class MixDPOTrainer:
             "gate_step": self.gate_step.state_dict(),
             "cpu_gen": self.cpu_gen.get_state(), "dev_gen": self.dev_gen.get_state(),
             "metrics_acc": (acc.names, acc.total, acc.count), "total_steps": self.total_steps,
-            "config": self.cfg.to_dict(), "run": self._run_identity(),
+            "run": self._run_identity(),  # the resolved config + world size (training/resume.py)
         }
 
     def _load_state(self, state: dict) -> None:

@@ -17,7 +17,6 @@ data.on_bad_row=skip, malformed JSON lines (and lines that are not UTF-8) are dr
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -25,22 +24,13 @@ from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
 
+from mixdpo_ds.training.file_scan import COMPRESSION, builder_of, cause, check_utf8, is_blank, scan_json
+
 log = logging.getLogger(__name__)
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
 # Files of a dataset folder that describe it rather than hold rows: never read, never warned about.
 METADATA_FILES = {"readme.md", ".gitattributes", "dataset_infos.json", "dataset_info.json", "dataset_dict.json",
                   "state.json"}
-SKIP_HINT = "set data.on_bad_row=skip to drop such lines"
-
-
-def builder_of(path: str) -> str | None:
-    """The `datasets` builder of a local file name ('json', 'csv', 'parquet'), None for another type."""
-    name = path.lower()
-    for ext in COMPRESSION:
-        name = name.removesuffix(ext)
-    return BUILDERS.get(os.path.splitext(name)[1])
 
 
 def looks_local(path: str) -> bool:
@@ -159,7 +149,7 @@ def _folder_splits(path: str, label: str) -> dict[str, list[str]]:
         raise ValueError(f"{label}: no .json, .jsonl, .csv or .parquet files in the folder"
                          + (f" (found: {_few(other_format)})" if other_format else ""))
     for split, files in list(by_split.items()):
-        empty = [f for f in files if _is_blank(f)]
+        empty = [f for f in files if is_blank(f)]
         if empty:
             log.warning("%s: skipping %d empty file(s): %s", label, len(empty), _few([rel(f) for f in empty]))
             by_split[split] = [f for f in files if f not in empty]
@@ -219,7 +209,7 @@ def _read_group(files: list[str], builder: str, root: str | None, label: str, on
     JSON files are scanned line by line first; runs of clean files are still read in one call each."""
     rel = (lambda f: os.path.relpath(f, root)) if root is not None else os.path.basename  # noqa: E731
     where = (lambda f: label) if root is None else (lambda f: f"{label}: file {rel(f)}")  # noqa: E731
-    if root is None and _is_blank(files[0]):
+    if root is None and is_blank(files[0]):
         raise ValueError(f"{label}: the file is empty (no rows)")
 
     def at_once(group: list[str]) -> _Part:
@@ -249,7 +239,7 @@ def _read_group(files: list[str], builder: str, root: str | None, label: str, on
                 parts.extend(one_by_one(run))
             run.clear()
     for f in files:
-        good = _scan_json(f, where(f), on_bad_row, skipped)
+        good = scan_json(f, where(f), on_bad_row, skipped)
         if good is None:
             run.append(f)
         else:
@@ -262,144 +252,22 @@ def _read_group(files: list[str], builder: str, root: str | None, label: str, on
 def _read_one(path: str, builder: str, where: str, on_bad_row: str, skipped: Counter):
     """One file, with an error naming it and the line at fault; in skip mode bad JSON lines are dropped."""
     if builder == "json":
-        good = _scan_json(path, where, on_bad_row, skipped)
+        good = scan_json(path, where, on_bad_row, skipped)
         if good is not None:
             return good
     elif builder == "csv":
-        _check_utf8(path, where, "a CSV file")
+        check_utf8(path, where, "a CSV file")
     try:
         return _hf_load(builder, [path])
     except Exception as e:  # noqa: BLE001
-        cause = _cause(e)
+        reason = cause(e)
         if builder == "csv":
-            raise ValueError(f"{where}: malformed CSV: {cause} (data.on_bad_row=skip cannot skip a malformed CSV "
+            raise ValueError(f"{where}: malformed CSV: {reason} (data.on_bad_row=skip cannot skip a malformed CSV "
                              "line: fix the file)") from e
         if builder == "json":
-            raise ValueError(f"{where}: could not be read as JSON: {cause} (the JSON itself is well-formed; check "
+            raise ValueError(f"{where}: could not be read as JSON: {reason} (the JSON itself is well-formed; check "
                              "that each column keeps one type across rows)") from e
-        raise ValueError(f"{where}: could not be read as {builder}: {cause}") from e
-
-
-def _cause(e: BaseException) -> str:
-    """The innermost exception of a `datasets` error chain, as 'Type: message'."""
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    text = str(e).strip() or "(no message)"
-    return f"{type(e).__name__}: {text}"
-
-
-def _open(path: str):
-    import fsspec
-
-    return fsspec.open(path, "rb", compression="infer").open()
-
-
-def _is_blank(path: str) -> bool:
-    """No bytes, or (text formats) nothing but whitespace."""
-    if builder_of(path) == "parquet" or not path.lower().endswith(COMPRESSION):
-        if os.path.getsize(path) == 0:
-            return True
-        if builder_of(path) == "parquet":
-            return False
-    with _open(path) as fh:
-        while chunk := fh.read(1 << 16):
-            if chunk.strip():
-                return False
-    return True
-
-
-def _check_utf8(path: str, where: str, what: str) -> None:
-    with _open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as u:
-                raise ValueError(f"{where} line {n}: invalid UTF-8 (byte 0x{line[u.start]:02x} at column "
-                                 f"{u.start + 1}); save {what} as UTF-8") from None
-
-
-def _scan_json(path: str, where: str, on_bad_row: str, skipped: Counter):
-    """Check a JSON file line by line. None: no malformed line (the file's problem is elsewhere); else, in skip
-    mode, a Dataset of the good lines (the bad ones counted). Error mode: ValueError at the first bad line."""
-    import json
-
-    with _open(path) as fh:
-        raw = fh.read()
-    first = raw.lstrip()[:1]
-    if not first:
-        raise ValueError(f"{where}: the file is empty (no rows)")
-    if not _is_jsonl(path):
-        # a .json file may be one document (an array of rows, or columns) rather than JSON lines
-        try:
-            json.loads(raw)
-            return None  # a valid document: its problem is not syntax
-        except UnicodeDecodeError:
-            pass
-        except json.JSONDecodeError as doc_error:
-            first_line = raw.lstrip().split(b"\n", 1)[0]
-            if first == b"[" or not _is_json_object(first_line):
-                raise ValueError(f"{where} line {doc_error.lineno}: malformed JSON document ({doc_error.msg}, "
-                                 f"column {doc_error.colno}); data.on_bad_row=skip cannot skip inside one JSON "
-                                 "document: fix the file") from None
-    good, bad = [], Counter()
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        problem, reason = None, "malformed_json"
-        try:
-            value = json.loads(line.decode("utf-8"))
-            if not isinstance(value, dict):
-                problem = f"a JSON line must be an object (one row), got {type(value).__name__}"
-        except UnicodeDecodeError as u:
-            problem, reason = f"invalid UTF-8 (byte 0x{line[u.start]:02x} at column {u.start + 1})", "invalid_utf8"
-        except json.JSONDecodeError as j:
-            problem = f"malformed JSON ({j.msg}, column {j.colno})"
-        if problem is None:
-            good.append(line)
-            continue
-        if on_bad_row == "error":
-            raise ValueError(f"{where} line {n}: {problem} [{reason}; {SKIP_HINT}]")
-        bad[reason] += 1
-    if not bad:
-        return None
-    log.warning("%s: skipped %s malformed line(s) (data.on_bad_row=skip)", where, dict(bad))
-    skipped.update(bad)
-    if not good:
-        raise ValueError(f"{where}: no well-formed JSON lines (skipped: {dict(bad)})")
-    return _json_lines_dataset(good, where)
-
-
-def _is_jsonl(path: str) -> bool:
-    name = path.lower()
-    for ext in COMPRESSION:
-        name = name.removesuffix(ext)
-    return name.endswith(".jsonl")
-
-
-def _is_json_object(line: bytes) -> bool:
-    import json
-
-    try:
-        return isinstance(json.loads(line), dict)
-    except (ValueError, UnicodeDecodeError):
-        return False
-
-
-def _json_lines_dataset(lines: list[bytes], where: str):
-    """Well-formed JSON lines → an in-memory Dataset, parsed by the same Arrow reader `datasets` uses."""
-    import datasets
-    import pyarrow.json as paj
-    from datasets.table import InMemoryTable
-
-    blob = b"\n".join(lines) + b"\n"
-    block = max(1 << 20, 2 * max(len(line) for line in lines) + 2)
-    try:
-        table = paj.read_json(io.BytesIO(blob), read_options=paj.ReadOptions(block_size=block))
-    except Exception as e:  # noqa: BLE001 - e.g. a column whose type changes between rows
-        raise ValueError(f"{where}: could not be read as JSON: {_cause(e)}") from e
-    return datasets.Dataset(InMemoryTable(table))
+        raise ValueError(f"{where}: could not be read as {builder}: {reason}") from e
 
 
 # ------------------------------------------------------------------------------------------ combining
@@ -443,4 +311,4 @@ def _unify(dss: list, col: str, parts: list[_Part], label: str) -> list:
         return [d if d.features[col] == target else d.cast_column(col, target) for d in dss]
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{label}: the files cannot be combined, column {col!r} does not cast to {target}: "
-                         f"{_cause(e)}") from e
+                         f"{cause(e)}") from e

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from mixdpo_ds.core.losses import mixdpo_loss
-from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs, chosen_prompt_features
+from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs, chosen_prompt_features, collate
 from mixdpo_ds.training.config import load_config
-from mixdpo_ds.training.data import check_lengths, collate, load_preference_data
+from mixdpo_ds.training.data import check_lengths, load_preference_data
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from mixdpo_ds.core.losses import MixDPOOutput, chosen_nll
 from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training import checkpoint as ckpt
-from mixdpo_ds.training.batch import as_pairs, chosen_prompt_features, model_inputs
+from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, model_inputs, num_batches
 from mixdpo_ds.training.build import (
     build_engine,
     build_reference,
@@ -42,7 +42,6 @@ from mixdpo_ds.training.build import (
 )
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
-from mixdpo_ds.training.data import batches, collate, num_batches
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.draws import row_positions, step_draws

@@ -35,7 +35,7 @@ def _check_kind(rank: int, world: int, model_dir: str, kind: str, out_dir: str) 
     from transformers.integrations import HfDeepSpeedConfig
 
     from mixdpo_ds.model.experts import ExpertsConfig, build_policy
-    from mixdpo_ds.training.data import collate
+    from mixdpo_ds.training.batch import collate
 
     cfg = ExpertsConfig(kind=kind, num_experts=2, init_noise=0.1, trunk="trainable", logprob_impl="naive")
     batch = collate([{"prompt_ids": [5, 9, 40], "chosen_ids": [7, 8, 100, 3], "rejected_ids": [11, 12], "index": 0,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mixdpo_ds.model import reference as reference_mod
+from mixdpo_ds.training.batch import collate
 from mixdpo_ds.training.config import load_config
-from mixdpo_ds.training.data import collate
 from mixdpo_ds.training.trainer import MixDPOTrainer
 
 from .conftest import base_overrides, train, train_rows

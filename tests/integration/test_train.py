@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from mixdpo_ds import cli
 from mixdpo_ds.model.experts import build_policy
-from mixdpo_ds.training.batch import MODEL_KEYS
+from mixdpo_ds.training.batch import MODEL_KEYS, collate
 from mixdpo_ds.training.config import load_config
-from mixdpo_ds.training.data import collate, load_preference_data
+from mixdpo_ds.training.data import load_preference_data
 
 from .conftest import read_rows, train, train_rows
 

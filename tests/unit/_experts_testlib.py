@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from mixdpo_ds.training.data import collate
+from mixdpo_ds.training.batch import collate
 
 PAD_ID = 0
 
 
 def make_examples(n: int, seed: int = 0, vocab: tuple[int, int] = (3, 300), indices: list[int] | None = None):
-    """n tokenised pairs of random lengths (prompt 2-6, responses 1-7 tokens), as `data.collate` expects."""
+    """n tokenised pairs of random lengths (prompt 2-6, responses 1-7 tokens), as `batch.collate` expects."""
     g = torch.Generator().manual_seed(seed)
 
     def ids(lo, hi):

@@ -1,8 +1,8 @@
-"""mixdpo_ds.training.data.collate (the model batch) and batches (deterministic, sharded, resumable order)."""
+"""mixdpo_ds.training.batch.collate (the model batch) and batches (deterministic, sharded, resumable order)."""
 import pytest
 import torch
 
-from mixdpo_ds.training.data import batches, collate, num_batches
+from mixdpo_ds.training.batch import batches, collate, num_batches
 
 PAD = 0
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from mixdpo_ds.model.experts import ExpertsConfig, build_policy
 from mixdpo_ds.model.hf_lm import sequence_logps
-from mixdpo_ds.training.data import collate
+from mixdpo_ds.training.batch import collate
 
 KINDS = ["heads", "models", "lora"]
 

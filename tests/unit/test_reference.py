@@ -14,7 +14,7 @@ from mixdpo_ds.model.reference import (
     precompute_reference_logps,
     reference_cache_key,
 )
-from mixdpo_ds.training.data import collate
+from mixdpo_ds.training.batch import collate
 
 
 @pytest.fixture(scope="module")

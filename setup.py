@@ -10,8 +10,8 @@ setup(
     version="0.1.0",
     description="Mixture-of-experts DPO (Mix-DPO / MoE-DPO) trainer on DeepSpeed",
     python_requires=">=3.10",
-    # kernels/, configs/ and ds_configs/ sit at the top level of the repository (STYLE.md's layout) and are
-    # installed inside the package, so a non-editable install finds `deepspeed.config=zero2` and the run YAMLs.
+    # kernels/, configs/ and ds_configs/ sit at the top level of the repository (docs/ARCHITECTURE.md's layout)
+    # and are installed inside the package, so a non-editable install finds `deepspeed.config=zero2` and the YAMLs.
     packages=["mixdpo_ds", "mixdpo_ds.core", "mixdpo_ds.model", "mixdpo_ds.training", "mixdpo_ds.apps",
               "mixdpo_ds.apps.datasets", "mixdpo_ds.kernels", "mixdpo_ds.configs", "mixdpo_ds.ds_configs"],
     package_dir={"mixdpo_ds": "mixdpo_ds", "mixdpo_ds.kernels": "kernels", "mixdpo_ds.configs": "configs",
@@ -34,9 +34,11 @@ setup(
         "vaderSentiment>=3.3",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "liger-kernel", "peft>=0.12,<0.22", "tensorboard"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "liger-kernel", "peft>=0.12,<0.22", "tensorboard",
+                "trl==1.16.0", "wandb", "mlflow-skinny"],  # trl: the K = 1 parity test against DPOTrainer
         "peft": ["peft>=0.12,<0.22"],
         "tensorboard": ["tensorboard"],
+        "trackers": ["tensorboard", "wandb", "mlflow-skinny"],  # report_to (training/trackers.py)
     },
     entry_points={"console_scripts": ["mixdpo=mixdpo_ds.cli:main"]},
 )

@@ -7,6 +7,7 @@ linear + DPO loss, K = 1 by construction) runs as a peer at K = 1 on the same NÂ
     python benchmarks/bench_expert_logprobs.py                      # CPU default grid, < ~5 min on 2 cores
     python benchmarks/bench_expert_logprobs.py --acceptance --rounds 2   # the acceptance size (CPU: ~30 min, ~10 GB)
     python benchmarks/bench_expert_logprobs.py --device cuda --sizes 4096,768,50257,3 4096,4096,128256,3
+    python benchmarks/bench_expert_logprobs.py --sizes 1024,256,50257,3 --impls loss-naive loss-chunked loss-fused
     add --append benchmarks/RESULTS.md to append the table (machine, commit, date, command).
 
 Peak memory. CPU: each measurement runs in a fresh subprocess; the kernel's peak-RSS high-water mark (VmHWM) is
@@ -101,6 +102,33 @@ def _run_liger(hidden, heads, targets, compiled):
     return t1 - t0, t2 - t1
 
 
+def _run_loss(impl, hidden, heads, targets):
+    """K-head log-probs + the Mix-DPO policy loss + backward on the same tokens as B pairs of rows of 64 response
+    tokens (rows 0..B-1 chosen): "loss-naive" / "loss-chunked" (expert_logprobs, per-row sums, mixdpo_loss),
+    "loss-fused" (fused_policy_loss: one pass per chunk of pairs, no recompute)."""
+    from mixdpo_ds.kernels import expert_logprobs, fused_policy_loss
+
+    from mixdpo_ds.core.losses import mixdpo_loss
+
+    N, K = hidden.shape[0], heads.shape[0]
+    B = max(1, N // 128)
+    rows = (torch.arange(N, device=hidden.device) // 64).clamp_max(2 * B - 1)  # (N,) row of each token
+    ref = torch.full((B, 2), -64.0 * 10, device=hidden.device)
+    log_w = torch.full((B, K), -float(torch.log(torch.tensor(float(K)))), device=hidden.device)
+    hidden.grad = heads.grad = None
+    t0 = _sync(hidden.device.type)
+    if impl == "loss-fused":
+        loss = fused_policy_loss(hidden, heads, targets, rows, ref, log_w, 0.1).policy_loss
+    else:
+        token = expert_logprobs(hidden, heads, targets, impl=impl.removeprefix("loss-"))  # (N, K)
+        seq = token.new_zeros(2 * B, K).index_add(0, rows, token).view(2, B, K).transpose(0, 1)
+        loss = mixdpo_loss(seq, ref, log_w, 0.1).policy_loss
+    t1 = _sync(hidden.device.type)
+    loss.backward()
+    t2 = _sync(hidden.device.type)
+    return t1 - t0, t2 - t1
+
+
 def measure(size: str, impl: str, dtype: str, device: str, repeats: int) -> dict:
     """One (size, impl): the first run also gives the peak memory; time = min over `repeats` further runs
     (or the first run when repeats = 0)."""
@@ -109,6 +137,9 @@ def measure(size: str, impl: str, dtype: str, device: str, repeats: int) -> dict
     if impl.startswith("liger"):
         def run():
             return _run_liger(hidden, heads, targets, compiled=impl == "liger-compiled")
+    elif impl.startswith("loss-"):
+        def run():
+            return _run_loss(impl, hidden, heads, targets)
     else:
         def run():
             return _run_expert(impl, hidden, heads, targets)
@@ -154,14 +185,16 @@ def _table(rows: list[dict], gflops: float) -> str:
     head = ("| N | H | V | K | impl | dtype | fwd s | bwd s | total s | peak MiB | time / naive | mem / naive "
             "| FLOP floor |")
     lines = [head, "|" + "---|" * 13]
-    naive = {(r["N"], r["H"], r["V"], r["K"]): r for r in rows if r["impl"] == "naive" and "error" not in r}
+    # baselines: naive for the kernels, loss-naive for the log-probs + loss rows
+    naive = {(r["N"], r["H"], r["V"], r["K"], r["impl"].startswith("loss-")): r for r in rows
+             if r["impl"] in ("naive", "loss-naive") and "error" not in r}
     for r in rows:
         key = (r["N"], r["H"], r["V"], r["K"])
         if "error" in r:
             lines.append(f"| {' | '.join(map(str, key))} | {r['impl']} | {r['dtype']} | failed: {r['error']} |"
                          + " |" * 6)
             continue
-        base = naive.get(key)
+        base = naive.get((*key, r["impl"].startswith("loss-")))
         floor = 6 * r["N"] * r["H"] * r["V"] * r["K"] / (gflops * 1e9)
         ratio_t = f"{r['total_s'] / base['total_s']:.2f}" if base else "-"
         ratio_m = f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):.3f}" if base else "-"
@@ -189,8 +222,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=None, help="N,H,V,K tuples")
     parser.add_argument("--acceptance", action="store_true", help=f"only the acceptance size {ACCEPTANCE}")
-    parser.add_argument("--impls", nargs="+", default=None, help="naive chunked triton liger liger-compiled; "
-                        "default: naive chunked [triton on cuda] liger (K = 1 sizes only for liger)")
+    parser.add_argument("--impls", nargs="+", default=None, help="naive chunked triton liger liger-compiled "
+                        "loss-naive loss-chunked loss-fused (log-probs + Mix-DPO policy loss; loss-fused: no "
+                        "recompute); default: naive chunked [triton on cuda] liger (K = 1 sizes only for liger)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs after the first (default 1; 0 "

@@ -16,7 +16,8 @@ to one expert and stay there (the posterior can no longer move them).
   per seed, no overrides: K=1 has no gate to guard), over seeds × safeguards: per group, the group-matched expert's
   held-out accuracy on it minus DPO's.
 
-"off" runs the config defaults; "on" merges SAFEGUARDS (nested run-config overrides, merged last) into the run.
+"off" merges SAFEGUARDS_OFF (the defaults with their safeguards off); "on" merges SAFEGUARDS (nested run-config
+overrides, merged last) into the run.
 The demo's pieces do the work (`prepare_seed` data + SFT once per seed, shared by all its runs; `run_job` per run;
 `--workers` spawned processes with one torch thread each, as the demo). Tables go to stdout and, with --append, to a
 markdown file with machine, commit, date, command and the SAFEGUARDS used; every run's metrics to OUT/results.json.
@@ -47,12 +48,11 @@ from mixdpo_ds.apps.report import fmt
 from mixdpo_ds.training.config import merge
 
 # The safeguards against gate lock-in, as nested run-config overrides merged into every "on" run (--safeguards-json
-# replaces this dict):
-#   gate.hold_steps  optimizer steps (after em.warmup_random_steps) during which the MoE gate is not trained, so the
-#                    experts separate before the gate commits;
-#   gate.w_min       floor of every gate weight (MoE: w = w_min + (1 − K·w_min)·softmax(g); Mix: the closed form's
-#                    floor), so no weight reaches 0 and the posterior can always move a user back.
-SAFEGUARDS = {"gate": {"hold_steps": 50, "w_min": 0.02}}
+# replaces this dict); "off" runs merge SAFEGUARDS_OFF, which turns the defaults' safeguards off:
+#   gate.trust_region  ρ: each gate step moves the gate at most ρ of the way (in KL) to the experts' posterior, so
+#                      while the experts are alike (q ≈ w) the gate does not move, whatever gate.lr (docs/math.md §12).
+SAFEGUARDS = {"gate": {"trust_region": 0.3}}
+SAFEGUARDS_OFF = {"gate": {"trust_region": 0.0}}
 GATE_LRS = (1e-3, 1e-2, 1e-1, 3e-1)
 FAST_GATE_LRS = (1e-2, 3e-1)
 USERS_PER_GROUP = 10
@@ -86,21 +86,22 @@ def job(cfg: DemoConfig, prep: dict, name: str, task: str, K: int, gate: str, ov
     return {"metrics": res["metrics"], "seconds": res["seconds"]}
 
 
-def plan_jobs(cfg: DemoConfig, tasks: list[str], lrs: list[float], safeguards: dict) -> list[tuple]:
+def plan_jobs(cfg: DemoConfig, tasks: list[str], lrs: list[float], safeguards: dict,
+              settings: tuple[str, ...] = SETTINGS) -> list[tuple]:
     """(name, key, task, K, gate, overrides) of one seed's runs, longest first; key identifies the table cell."""
     demo = {name: (task, K, gate, over) for name, task, K, gate, over in run_plan(cfg)}
-    guard = {"off": {}, "on": safeguards}
+    guard = {"off": SAFEGUARDS_OFF, "on": safeguards}
     jobs = []
     if "B" in tasks:
         _, K, gate, over = demo["dpo_multi"]
         jobs.append(("B_dpo", ("B", "dpo"), "multi", K, gate, over))
         _, K, gate, over = demo["mixdpo"]
-        jobs += [(f"B_mixdpo_{s}", ("B", s), "multi", K, gate, merge(over, guard[s])) for s in SETTINGS]
+        jobs += [(f"B_mixdpo_{s}", ("B", s), "multi", K, gate, merge(over, guard[s])) for s in settings]
     if "A" in tasks:
         _, K, gate, over = demo["moe_user"]
         jobs += [(f"A_{s}_lr{lr:g}", ("A", s, lr), "users", K, gate, merge(merge(over, {"gate": {"lr": lr}}),
                                                                              guard[s]))
-                 for s in SETTINGS for lr in lrs]
+                 for s in settings for lr in lrs]
     return jobs
 
 
@@ -139,11 +140,17 @@ def run_grid(cfg: DemoConfig, seeds: int, jobs: list[tuple], tokenizer_dir: str,
     return results
 
 
+def _settings(results: dict) -> list[str]:
+    """The safeguard settings present in the results, in SETTINGS order."""
+    keys = {key[1] for r in results.values() for key in r}
+    return [s for s in SETTINGS if s in keys]
+
+
 def table_a(results: dict, lrs: list[float]) -> list[str]:
     lines = [f"#### A: MoE gate on `user`, user-decided groups (collapsed = gate routing < {COLLAPSE_BELOW})", "",
              "| safeguards | gate.lr | gate routing | worst routing | held-out acc (mixture) | collapsed | s / run |",
              "|---|---|---|---|---|---|---|"]
-    for s in SETTINGS:
+    for s in _settings(results):
         for lr in lrs:
             rs = [r[("A", s, lr)] for r in results.values()]
             route = [r["metrics"]["gate_routing"] for r in rs]
@@ -160,7 +167,7 @@ def table_b(results: dict) -> list[str]:
              "| safeguards | " + " | ".join(f"Δ {g}" for g in groups) +
              " | mean Δ | min Δ (groups × seeds) | runs with every group > DPO | mixture acc (DPO → Mix) | recovery "
              "| s / run |", "|" + "---|" * (len(groups) + 7)]
-    for s in SETTINGS:
+    for s in _settings(results):
         gaps, wins, acc_d, acc_m, rec, secs = [], 0, [], [], [], []
         for r in results.values():
             dpo, mix = r[("B", "dpo")]["metrics"], r[("B", s)]["metrics"]
@@ -183,10 +190,11 @@ def resolved_gate(cfg: DemoConfig, safeguards: dict) -> dict:
     demo = {name: (K, gate, over) for name, _, K, gate, over in run_plan(cfg)}
     K, gate, over = demo["moe_user"]
     out = {}
-    for s, extra in (("off", {}), ("on", safeguards)):
+    for s, extra in (("off", SAFEGUARDS_OFF), ("on", safeguards)):
         try:
             g = run_config(cfg, "base", "train.jsonl", "run", K, gate, 0, merge(over, extra)).gate
-            out[s] = {"hold_steps": getattr(g, "hold_steps", None), "w_min": getattr(g, "w_min", None)}
+            out[s] = {k: getattr(g, k, None) for k in ("trust_region", "trust_max_scale", "hold_steps", "w_min",
+                                                        "adam_epsilon")}
         except Exception as e:  # noqa: BLE001 — a header detail; the runs themselves report config errors
             out[s] = f"not resolved: {e}"
     return out
@@ -200,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                                f"{','.join(map(str, GATE_LRS))}; with --fast {FAST_GATE_LRS})")
     p.add_argument("--safeguards-json", default=None, help="replaces SAFEGUARDS (a JSON object of run-config "
                                                            f"overrides; default {json.dumps(SAFEGUARDS)})")
+    p.add_argument("--settings", default="off,on", help="which of off,on to run (the off runs use the defaults)")
     p.add_argument("--users-per-group", type=int, default=USERS_PER_GROUP, help="task A: user ids per group")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (as the demo's)")
     p.add_argument("--fast", action="store_true", help="the demo's --fast sizes (80 steps × 32 pairs, 800 pairs), "
@@ -225,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.user_gate = True  # --fast turns the demo's moe_user run off; task A is that run
     if a.steps is not None:
         cfg.steps = cfg.ctx_steps = a.steps
-    jobs = plan_jobs(cfg, tasks, lrs, safeguards)
+    settings = tuple(x.strip() for x in a.settings.split(",") if x.strip())
+    if not settings or set(settings) - set(SETTINGS):
+        p.error(f"--settings: off and/or on, got {a.settings!r}")
+    jobs = plan_jobs(cfg, tasks, lrs, safeguards, settings)
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     tokenizer_dir = os.path.join(out, "runs", "tokenizer")

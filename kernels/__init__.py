@@ -1,7 +1,11 @@
 """Fused kernels of mixdpo-ds (installed as `mixdpo_ds.kernels`; docs/ARCHITECTURE.md "Kernels").
 
     expert_logprobs(hidden (N, H), heads (K, V, H), targets (N,), impl=..., chunk_size=None) -> (N, K) fp32
+    lowrank_logprobs(hidden (N, H), base (V, H), up (K, V, r), down (K, r, H), targets (N,), bias=None,
+                     include_base=False, impl=...) -> (N, K) or (N, K + 1) fp32      (low-rank expert heads)
     mbt_loss(policy_logps (B, 2, K), ref_logps, log_w, beta, ..., impl=...) -> MixDPOOutput
+    fused_policy_loss(hidden, heads, targets, rows, ref_logps, log_w, beta, ...) -> FusedPolicyLoss
+                     K-head log-probs + Mix-DPO policy loss + gradients in one pass per chunk of pairs (no recompute)
 
 impl: "naive" (materialise, plain autograd; the reference), "chunked" (PyTorch, bounded memory; the CPU
 default), "triton" (GPU kernels; on CPU only under TRITON_INTERPRET=1). `default_impl(device)` picks one.
@@ -17,11 +21,14 @@ import warnings
 import torch
 
 from .chunked import expert_logprobs_chunked
-from .naive import IGNORE_INDEX, expert_logprobs_naive, mbt_loss_naive
+from .fused_policy_loss import FusedPolicyLoss, fused_policy_loss
+from .lowrank import lowrank_logprobs_chunked
+from .naive import IGNORE_INDEX, expert_logprobs_naive, lowrank_logprobs_naive, mbt_loss_naive
 
 IMPLS = ("naive", "chunked", "triton")
 
-__all__ = ["IGNORE_INDEX", "IMPLS", "default_impl", "expert_logprobs", "mbt_loss", "triton_module", "triton_self_check"]
+__all__ = ["IGNORE_INDEX", "IMPLS", "FusedPolicyLoss", "default_impl", "expert_logprobs", "fused_policy_loss",
+           "lowrank_logprobs", "mbt_loss", "triton_module", "triton_self_check"]
 
 
 def default_impl(device: torch.device | str, fallback: str = "chunked") -> str:
@@ -132,9 +139,55 @@ def expert_logprobs(
     return triton_module("expert_logprobs").expert_logprobs_triton(hidden, heads, targets, chunk_size)
 
 
+def _check_lowrank_inputs(hidden, base, up, down, targets, bias) -> None:
+    N, H = hidden.shape if hidden.dim() == 2 else (None, None)
+    V = base.shape[0] if base.dim() == 2 else None
+    K, r = (up.shape[0], up.shape[2]) if up.dim() == 3 else (None, None)
+    if (None in (N, V, K) or base.shape[1] != H or up.shape[1] != V or down.shape != (K, r, H)
+            or (bias is not None and bias.shape != (K, V))):
+        raise ValueError(f"expected hidden (N, H), base (V, H), up (K, V, r), down (K, r, H), bias (K, V) or None; "
+                         f"got {tuple(hidden.shape)}, {tuple(base.shape)}, {tuple(up.shape)}, {tuple(down.shape)}, "
+                         f"{None if bias is None else tuple(bias.shape)}")
+    if targets.shape != (N,) or targets.dtype != torch.long:
+        raise ValueError(f"targets must be a long tensor of shape (N,) = ({N},), got {targets.dtype} "
+                         f"{tuple(targets.shape)}")
+
+
+def lowrank_logprobs(
+    hidden: torch.Tensor, base: torch.Tensor, up: torch.Tensor, down: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None = None, include_base: bool = False, impl: str = "chunked", chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs of K low-rank expert heads sharing one base head (docs/math.md §16).
+
+    logp[n, k] = log_softmax_v(base @ h_n + up[k] @ (down[k] @ h_n) + bias[k])[t_n];  0 where t_n == -100.
+
+    Args:
+        hidden: (N, H) trunk hidden states of the response tokens.
+        base: (V, H) the shared head W (frozen or trained); up: (K, V, r) A_k; down: (K, r, H) B_k.
+        targets: (N,) long next-token ids or -100; bias: (K, V) per-expert logit bias or None.
+        include_base: append column K, the base head's own log-probs (the reference of a frozen trunk).
+        impl: "naive" | "chunked" (the shared tile is computed once per vocabulary block). "triton" is not
+            implemented for low-rank heads yet and raises.
+        chunk_size: tokens per logits tile (chunked).
+    Returns:
+        (N, K) or (N, K + 1) fp32 (fp64 for fp64 inputs); gradients reach every floating input in its dtype.
+    """
+    _check_lowrank_inputs(hidden, base, up, down, targets, bias)
+    if _check_impl(impl) == "naive":
+        return lowrank_logprobs_naive(hidden, base, up, down, targets, bias, include_base, chunk_size)
+    if impl == "chunked":
+        return lowrank_logprobs_chunked(hidden, base, up, down, targets, bias, include_base, chunk_size)
+    raise NotImplementedError("lowrank_logprobs: impl='triton' is not implemented for low-rank heads; use 'chunked'")
+
+
 def mbt_loss(*args, impl: str = "naive", **kwargs):
     """`mixdpo_ds.core.losses.mixdpo_loss` (same arguments, same `MixDPOOutput`), with impl="triton" for the fused
     forward+backward of `kernels/mbt_loss.py`. "chunked" and "naive" are the PyTorch version (it is O(B·K))."""
     if _check_impl(impl) == "triton":
+        policy_logps = args[0] if args else kwargs.get("policy_logps")
+        if policy_logps is not None and policy_logps.dim() == 3 and policy_logps.shape[1] != 2:
+            raise ValueError(f"loss.impl=triton fuses pairs only (policy_logps (B, 2, K)); these items rank "
+                             f"m = {policy_logps.shape[1]} responses: use loss.impl=naive (or auto, which takes the "
+                             "PyTorch path for rankings; docs/math.md §15)")
         return triton_module("mbt_loss").mbt_loss_triton(*args, **kwargs)
     return mbt_loss_naive(*args, **kwargs)

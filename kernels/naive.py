@@ -50,3 +50,35 @@ def mbt_loss_naive(*args, **kwargs):
     from mixdpo_ds.core.losses import mixdpo_loss
 
     return mixdpo_loss(*args, **kwargs)
+
+
+def lowrank_logprobs_naive(
+    hidden: torch.Tensor, base: torch.Tensor, up: torch.Tensor, down: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None = None, include_base: bool = False, chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs of K low-rank expert heads sharing one base head, materialising all logits.
+
+    z[n, k, :] = base @ h_n + up[k] @ (down[k] @ h_n) (+ bias[k]);  logp[n, k] = log_softmax(z[n, k])[t_n]
+
+    Args:
+        hidden: (N, H); base: (V, H) the shared head W; up: (K, V, r) A_k; down: (K, r, H) B_k;
+        targets: (N,) long, -100 ignored; bias: (K, V) or None.
+        include_base: append column K, the log-probs of the base head alone (the frozen-trunk reference).
+        chunk_size: unused (one signature for every impl).
+    Returns:
+        (N, K) or (N, K + 1) in fp32 (fp64 for fp64 inputs), 0 where targets == -100.
+    """
+    del chunk_size
+    dtype = compute_dtype(hidden, base, up, down)
+    h = hidden.to(dtype)
+    base_logits = h @ base.to(dtype).T  # (N, V)
+    low = torch.einsum("nh,krh->nkr", h, down.to(dtype))  # (N, K, r)
+    logits = base_logits[:, None] + torch.einsum("nkr,kvr->nkv", low, up.to(dtype))  # (N, K, V)
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if include_base:
+        logits = torch.cat([logits, base_logits[:, None]], dim=1)  # (N, K + 1, V)
+    logps = logits.log_softmax(dim=-1)
+    ignored = targets == IGNORE_INDEX
+    index = targets.masked_fill(ignored, 0)[:, None, None].expand(-1, logits.shape[1], 1)  # (N, K', 1)
+    return logps.gather(-1, index).squeeze(-1).masked_fill(ignored[:, None], 0.0)

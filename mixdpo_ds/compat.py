@@ -18,6 +18,8 @@ deepspeed (0.19.8)
     `set_deepspeed_parallelism`). A DeepSpeed release that reads another attribute breaks there.
 
 transformers (5.24.0)
+  - `deepspeed.ops.__compatible_ops__`: the op-compatibility dict `build_shm_op` reads; one process marks the shm
+    all-reduce op incompatible so it is not JIT-compiled -> `deepspeed_shm_comm_disabled`
   - `transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref`: the module global behind
     `is_deepspeed_zero3_enabled()`; transformers can unset it but not restore it -> `hf_deepspeed_config_suspended`
     (tests/distributed/test_trainer_distributed.py, ZeRO-3 with a frozen reference).
@@ -70,6 +72,24 @@ def local_numel(param) -> int:
 
 
 # --------------------------------------------------------------------------------------------- transformers
+
+
+@contextlib.contextmanager
+def deepspeed_shm_comm_disabled():
+    """Inside the block DeepSpeed's torch backend does not build its CPU shared-memory all-reduce op
+    (`deepspeed_shm_comm`, C++ JIT-compiled on first use: 40 s+ on a new machine), which one process never uses:
+    `deepspeed.ops.__compatible_ops__` (a dict DeepSpeed caches in its module and reads in `build_shm_op`) marks it
+    incompatible, so the backend falls back to plain torch.distributed. The previous entry is restored on exit."""
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__compatible_ops__
+    name = "deepspeed_shm_comm"
+    old = ops.get(name, False)
+    ops[name] = False
+    try:
+        yield
+    finally:
+        ops[name] = old
 
 
 @contextlib.contextmanager

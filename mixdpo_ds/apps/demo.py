@@ -165,6 +165,7 @@ def held_out_metrics(rows: list[dict], groups: list[str], K: int) -> dict:
     """Accuracies from evaluate's per-pair rows: mixture (p_mixture > 0.5) per group, every expert on every group,
     the best-permutation expert↔group matching of argmax resp (recovery), each group's matched expert's accuracy
     (routed), and the argmax-w routing confusion (MoE gate)."""
+    from mixdpo_ds.core.collapse import collapse_metrics, collapse_report
     from mixdpo_ds.training.evaluate import recovery_accuracy
 
     gidx = np.array([groups.index(r["group"]) for r in rows])
@@ -186,6 +187,12 @@ def held_out_metrics(rows: list[dict], groups: list[str], K: int) -> dict:
         "gate_confusion": [[int(((gidx == j) & (w.argmax(1) == k)).sum()) for k in range(K)] for j in range(G)],
         "w_mean": w.mean(0).tolist(),
     }
+    if K > 1:  # the collapse detectors' verdicts on the held-out pairs (core/collapse.py)
+        tables = torch.tensor(margins), torch.tensor([r["resp"] for r in rows]), torch.tensor(w)
+        health = collapse_report(*tables)
+        out["collapse"] = {"merged": [list(p) for p in health["merged"]], "dead": health["dead"],
+                           "saturated": health["saturated"],
+                           "max_margin_corr": collapse_metrics(*tables)["collapse/max_margin_corr"]}
     out["routed"] = {g: out["expert_by_group"][k][groups.index(g)] for g, k in out["mapping"].items()}
     mapped = np.array([rec["mapping"].get(j, -1) for j in gidx])  # each pair's group's matched expert
     ok = mapped >= 0

@@ -267,6 +267,21 @@ def plot_accuracy(results: list[dict], path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- report
+def health_table(results: list[dict]) -> list[str]:
+    """The collapse detectors' verdicts (core/collapse.py) on each mixture run's held-out pairs, over the seeds."""
+    rows = []
+    for run in ("mixdpo", "moedpo", "moe_user"):
+        found = [r[run]["metrics"]["collapse"] for r in results if run in r and "collapse" in r[run]["metrics"]]
+        if not found:
+            continue
+        flagged = sum(bool(c["merged"] or c["dead"] or c["saturated"]) for c in found)
+        rows.append([run, str(sum(len(c["merged"]) for c in found)), str(sum(len(c["dead"]) for c in found)),
+                     str(sum(c["saturated"] for c in found)), fmt([c["max_margin_corr"] for c in found]),
+                     "healthy" if not flagged else f"**collapse in {flagged}/{len(found)} seed(s)**"])
+    return _table(["run", "merged expert pairs", "dead experts", "saturated gates", "max margin correlation",
+                   "verdict"], rows)
+
+
 def _ceiling_lines(results: list[dict], task: str) -> list[str]:
     c = [r[task]["ceilings"] for r in results]
     groups = c[0]["groups"]
@@ -347,6 +362,11 @@ def write_report(out_dir: str, results: list[dict], config: dict, seconds: float
         L.append("")
         L += [f"- {name}: " + " | ".join(ex) for name, ex in s0[task + "_examples"].items()]
         L.append("")
+    L += ["## Mixture health (collapse detectors on the held-out pairs)", "",
+          "Merged: two experts whose margins agree in sign on ≥ 95% of the pairs and correlate ≥ 0.95; dead: mean "
+          "responsibility < 0.02; saturated: gate entropy < 5% of log K while experts are merged "
+          "(mixdpo_ds/core/collapse.py, docs/math.md §12). Counts are summed over the seeds.", ""]
+    L += health_table(results) + [""]
     L += ["## Time", ""]
     L += _table(["run", "seconds per seed (train + evaluate)"],
                 [[k, fmt([r[k]["seconds"] for r in results])] for k in ("dpo_multi", "mixdpo", "dpo_ctx", "moedpo",

@@ -55,6 +55,7 @@ from torch import Tensor
 __all__ = [
     "margin_correlation", "sign_agreement", "merged_experts", "dead_experts", "gate_entropy", "saturated_gate",
     "collapse_report", "collapse_metrics", "split_source", "split_expert", "split_responsibility",
+    "posterior_information",
 ]
 
 _CONST_RTOL = 1e-6  # an expert's margins count as constant when std ≤ _CONST_RTOL · max|Δ|
@@ -226,3 +227,14 @@ def split_responsibility(log_w_or_w: Tensor, dead: int, source: int, log: bool |
         return out - torch.logsumexp(out, 0)
     out[source] = out[dead] = x[source] / 2
     return out / out.sum()
+
+
+def posterior_information(log_w: Tensor, margins: Tensor) -> Tensor:
+    """Mean over the pairs of KL(q_i ‖ w_i), q_i = softmax(log w_i + log σ(Δ_i)) the plain posterior (docs/math.md
+    §12): the information, in nats, that the experts' likelihoods add to the gate. 0 while the experts are alike
+    (equal margins give q = w), large when they disagree on a pair. log_w, margins (N, K) -> scalar, float64.
+    """
+    log_w, margins = _matrix(log_w, "log_w"), _matrix(margins, "margins")
+    log_w = log_w.double().log_softmax(-1)
+    log_q = (log_w + torch.nn.functional.logsigmoid(margins.double())).log_softmax(-1)
+    return (log_q.exp() * (log_q - log_w)).sum(-1).mean()

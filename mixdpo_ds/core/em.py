@@ -95,6 +95,14 @@ class EMConfig:
     dirichlet_alpha: float = field(default=1.0, metadata={"help": "Concentration of the warm-up Dirichlet."})
     gate_update: str = field(
         default="joint", metadata={"help": "'joint' (one backward), 'alternate' (paper §4.2) or 'frozen'."})
+    split_every: int = field(default=0, metadata={
+        "help": "Every this many optimizer steps (after the random warm-up) check the collapse detectors on the "
+                "recent training pairs and re-seed each dead or merged expert by splitting the most loaded one: copy "
+                "+ noise, its gate mass shared (split-and-merge EM, docs/math.md §12). 0 = off."})
+    split_noise: float = field(default=0.05, metadata={
+        "help": "std of the noise added to a split copy, relative to the std of the source expert's weights."})
+    split_max: int = field(default=3, metadata={
+        "help": "The most splits in one run: a mixture that keeps collapsing is reported, not split forever."})
     estep: EStepWeights = field(default_factory=EStepWeights, metadata={"help": "Lemma-6 E-step weights."})
     gumbel: GumbelConfig = field(default_factory=GumbelConfig, metadata={"help": "Monte Carlo relaxation."})
     tau_min: float = field(default=0.5, metadata={"help": "Final Gumbel temperature (F.1: keep τ > 0.5)."})
@@ -120,6 +128,11 @@ class EMConfig:
             raise ValueError(f"em.warmup_random_steps must be an integer >= 0, got {self.warmup_random_steps!r}")
         if not self.dirichlet_alpha > 0:
             raise ValueError(f"em.dirichlet_alpha must be > 0, got {self.dirichlet_alpha!r}")
+        for key in ("split_every", "split_max"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"em.{key} must be an integer >= 0, got {getattr(self, key)!r}")
+        if not self.split_noise >= 0:
+            raise ValueError(f"em.split_noise must be >= 0, got {self.split_noise!r}")
         if isinstance(self.estep, dict):
             self.estep = EStepWeights(**self.estep)
         if isinstance(self.gumbel, dict):

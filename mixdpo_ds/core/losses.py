@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixdpo_ds.core.gumbel import GumbelConfig, gumbel_mc_loss
+from mixdpo_ds.core.rankings import ranking_policy_loss, ranking_terms
 
 __all__ = [
     "EStepWeights", "GumbelConfig", "MixDPOOutput", "implicit_rewards", "expert_margins", "mixture_rewards",
@@ -268,9 +269,12 @@ def mixdpo_loss(
     resp: Tensor | None = None, mode: str = "exact", gumbel: GumbelConfig | None = None,
     noise: Tensor | None = None, generator: torch.Generator | None = None, tau: float | None = None,
 ) -> MixDPOOutput:
-    """The whole of docs/math.md §2–§6 for one batch.
+    """The whole of docs/math.md §2–§6 (and §15 for rankings) for one batch.
 
     policy_logps: (B, 2, K); ref_logps: (B, 2) or (B, 2, K); log_w: (B, K) or (K,) gate log-weights.
+    Rankings: policy_logps (B, m, K), ref_logps (B, m[, K]) with m > 2 responses in ranked order (index 0 best):
+        log σ is the Plackett–Luce log-likelihood of the ranking (eq. 15.1), everything else is unchanged;
+        margins are best-vs-worst; label smoothing is for pairs only.
     mode "exact": resp = E-step posterior (or the given ``resp``, e.g. Dirichlet warm-up, used as is);
         loss = L_policy (eq. 11) + L_gate (eq. 12 + λ_global KL(w̄‖U)). A given ``resp`` takes this path
         in either mode: random warm-up responsibilities override the relaxation too.
@@ -280,20 +284,20 @@ def mixdpo_loss(
     Reward metrics for K > 1 are resp-weighted: rewards/chosen = mean_i Σ_k q_ik h_ik+ (the reward of the
     experts held responsible for the pair; for K = 1 they equal TRL's). Accuracies: `batch_metrics`.
     """
-    if posterior_correction not in (0, 1):
-        raise ValueError(f"em.posterior_correction must be one of [0, 1], got {posterior_correction!r}")
-    if mode not in ("exact", "gumbel"):
-        raise ValueError(f"em.mode must be one of ['exact', 'gumbel'], got {mode!r}")
+    _check_loss_args(policy_logps, posterior_correction, mode, label_smoothing)
     estep = estep or EStepWeights()
-    B, _, K = policy_logps.shape
+    B, m, K = policy_logps.shape
     log_w = _fp(log_w).expand(B, K)
 
-    rewards = implicit_rewards(policy_logps, ref_logps, beta)  # (B, 2, K)
-    margins = expert_margins(rewards)  # (B, K)
-    mixture = mixture_rewards(rewards, log_w)  # (B, 2)
-    mixture_margin = mixture[:, 0] - mixture[:, 1]  # (B,)
-    corrected = corrected_margins(margins, mixture_margin, posterior_correction)  # (B, K)
-    log_sigma = bt_loglik(corrected)  # (B, K)
+    rewards = implicit_rewards(policy_logps, ref_logps, beta)  # (B, m, K)
+    mixture = mixture_rewards(rewards, log_w)  # (B, m)
+    if m == 2:  # pairs: eq. 4 (the m = 2 case of eq. 15.1, kept as is)
+        margins = expert_margins(rewards)  # (B, K)
+        mixture_margin = mixture[:, 0] - mixture[:, 1]  # (B,)
+        corrected = corrected_margins(margins, mixture_margin, posterior_correction)  # (B, K)
+        log_sigma = bt_loglik(corrected)  # (B, K)
+    else:  # rankings: Plackett–Luce (docs/math.md §15); margins are best-vs-worst
+        margins, mixture_margin, corrected, log_sigma = ranking_terms(rewards, mixture, posterior_correction)
 
     if mode == "exact" or resp is not None:
         if resp is not None and resp.shape != (B, K):
@@ -301,12 +305,12 @@ def mixdpo_loss(
         if resp is None:
             resp = e_step(log_w, log_sigma, estep.lambda_w, estep.lambda_ent, estep.lambda_conf, estep.lambda_unif)
         resp = _fp(resp).detach()
-        pol = policy_loss(corrected, resp, label_smoothing)
+        pol = policy_loss(corrected, resp, label_smoothing) if m == 2 else ranking_policy_loss(log_sigma, resp)
         gate = gate_loss(log_w, resp, lambda_global)
     else:
         gumbel = gumbel or GumbelConfig()
-        pol, kl, z = gumbel_mc_loss(log_w, log_sigma, bt_loglik(corrected, label_smoothing), gumbel, tau=tau,
-                                    noise=noise, generator=generator)
+        policy_loglik = bt_loglik(corrected, label_smoothing) if m == 2 else log_sigma
+        pol, kl, z = gumbel_mc_loss(log_w, log_sigma, policy_loglik, gumbel, tau=tau, noise=noise, generator=generator)
         gate = gumbel.lambda_kl * kl
         if lambda_global:
             gate = gate + lambda_global * _kl_to_uniform_of_mean(log_w)
@@ -322,6 +326,19 @@ def mixdpo_loss(
     )
 
 
+def _check_loss_args(policy_logps: Tensor, posterior_correction, mode: str, label_smoothing: float) -> None:
+    if posterior_correction not in (0, 1):
+        raise ValueError(f"em.posterior_correction must be one of [0, 1], got {posterior_correction!r}")
+    if mode not in ("exact", "gumbel"):
+        raise ValueError(f"em.mode must be one of ['exact', 'gumbel'], got {mode!r}")
+    if policy_logps.dim() != 3 or policy_logps.shape[1] < 2:
+        raise ValueError(f"policy_logps must have shape (B, m, K) with m >= 2 responses per item, got "
+                         f"{tuple(policy_logps.shape)}")
+    if policy_logps.shape[1] > 2 and label_smoothing:
+        raise ValueError(f"em.label_smoothing={label_smoothing} is defined for pairs only (conservative DPO flips "
+                         f"one pairwise label); ranked data (m = {policy_logps.shape[1]}) needs em.label_smoothing=0")
+
+
 def _entropy(p: Tensor) -> Tensor:
     """H(p) along the last axis, 0 log 0 = 0."""
     return -torch.special.xlogy(p, p).sum(-1)
@@ -331,7 +348,8 @@ def batch_metrics(policy_logps: Tensor, rewards: Tensor, margins: Tensor, log_w:
                   loglik: Tensor, elbo: Tensor) -> dict[str, Tensor]:
     """Per-batch diagnostics (docs/math.md §10), all scalar tensors, in TRL's names where TRL has the concept.
 
-    policy_logps, rewards (B, 2, K); margins, log_w, resp (B, K); loglik, elbo (B,).
+    policy_logps, rewards (B, m, K) (m = 2: pairs; index −1 is the rejected / worst response); margins, log_w, resp
+    (B, K); loglik, elbo (B,).
     `rewards/accuracies` is the mixture's prediction, which does not see the label:
     P_i = Σ_k w_ik σ(Δ_ik) > 0.5 (K = 1: TRL's chosen reward > rejected reward). `rewards/accuracies_posterior`
     uses q, the posterior given the label, and is optimistic: Σ_k q_ik Δ_ik > 0.
@@ -340,7 +358,7 @@ def batch_metrics(policy_logps: Tensor, rewards: Tensor, margins: Tensor, log_w:
     w = log_w.exp()
     p_mixture = (w * torch.sigmoid(margins)).sum(-1)  # (B,)
     chosen = (resp * rewards[:, 0]).sum(-1)  # (B,)
-    rejected = (resp * rewards[:, 1]).sum(-1)  # (B,)
+    rejected = (resp * rewards[:, -1]).sum(-1)  # (B,) the last (worst) response; pairs: the rejected one
     metrics = {
         "mbt/loglik": loglik.mean(),
         "elbo": elbo.mean(),
@@ -351,7 +369,7 @@ def batch_metrics(policy_logps: Tensor, rewards: Tensor, margins: Tensor, log_w:
         "rewards/accuracies": (p_mixture > 0.5).float().mean(),
         "rewards/accuracies_posterior": (chosen > rejected).float().mean(),
         "logps/chosen": (w * _fp(policy_logps[:, 0])).sum(-1).mean(),
-        "logps/rejected": (w * _fp(policy_logps[:, 1])).sum(-1).mean(),
+        "logps/rejected": (w * _fp(policy_logps[:, -1])).sum(-1).mean(),
         "gate/entropy": _entropy(w).mean(),
         "p_mixture": p_mixture.mean(),
     }

@@ -3,7 +3,9 @@
 Three kinds behind one `MixturePolicy.forward(input_ids, attention_mask, labels, prompt_last_index)`:
 
 - `heads`  (Case 1, B.1): one shared trunk (the base model's decoder) and K LM heads held as one
-  (K, V, H) parameter, each a copy of the base output embedding (untied from GPT-2's `wte`) plus noise.
+  (K, V, H) parameter, each a copy of the base output embedding (untied from GPT-2's `wte`) plus noise; or,
+  with `head_rank: r`, K low-rank deltas W + A_k B_k on the shared base head (model/lowrank_heads.py). K = 1
+  with a trainable trunk and no noise keeps a tied head tied (the model itself: plain DPO, as TRL trains it).
 - `models` (Case 2, B.2): K full Hugging Face causal LMs (the base, or `init_paths[k]`).
 - `lora`   (B.3 hybrid, beyond the paper): K `peft` LoRA adapters on one frozen base.
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, PreTrainedModel
 
 from mixdpo_ds.compat import lora_layers, set_lora_active, set_lora_disabled
+from mixdpo_ds.model.expert_init import add_noise_, build_lora, lora_noise_, noise_model_
 from mixdpo_ds.model.hf_lm import (
     disable_dropout,
     gathered,
@@ -34,6 +37,7 @@ from mixdpo_ds.model.hf_lm import (
     sequence_logps,
     trunk_hidden,
 )
+from mixdpo_ds.model.lowrank_heads import LowRankHeads, build_lowrank_heads
 
 KINDS = ("heads", "models", "lora")
 TRUNK_MODES = ("frozen", "trainable")
@@ -67,6 +71,10 @@ class ExpertsConfig:
     logprob_impl: str = field(default="auto", metadata={
         "help": "expert_logprobs implementation: auto (triton on CUDA, chunked otherwise) | naive | chunked | triton"})
     chunk_size: int | None = field(default=None, metadata={"help": "vocabulary chunk of the chunked kernel"})
+    head_rank: int | None = field(default=None, metadata={
+        "help": "heads only: None: K full (V, H) heads; r >= 1: expert k's head is W + A_k B_k with W the shared "
+                "base head (frozen with a frozen trunk, trained with a trainable one) and A_k (V, r), B_k (r, H): "
+                "K experts for about one head plus K·r/H of one (docs/math.md §16)"})
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (model/parallel.py); 1 = dense"})
     disable_dropout: bool = field(default=True, metadata={
         "help": "set every dropout p to 0 in the experts (as TRL does for DPO: policy and reference log-probs "
@@ -106,6 +114,12 @@ class ExpertsConfig:
         if self.ep_size < 1 or self.num_experts % self.ep_size:
             raise ValueError(f"experts.ep_size={self.ep_size}: must be >= 1 and divide experts.num_experts="
                              f"{self.num_experts}")
+        if self.head_rank is not None:
+            if self.head_rank < 1 or self.kind != "heads" or self.ep_size > 1 or self.logprob_impl == "triton":
+                raise ValueError(f"experts.head_rank={self.head_rank}: must be >= 1, with experts.kind='heads' "
+                                 f"(got {self.kind!r}), experts.ep_size=1 (got {self.ep_size}) and "
+                                 f"experts.logprob_impl auto | naive | chunked (got {self.logprob_impl!r}; the "
+                                 "Triton kernel has no low-rank variant yet)")
         if self.ep_size > 1 and self.kind != "heads":
             raise ValueError(f"experts.ep_size={self.ep_size} is implemented for experts.kind='heads' only, "
                              f"got {self.kind!r}; use experts.ep_size=1")
@@ -124,15 +138,6 @@ class PolicyOutput(NamedTuple):
     logps: torch.Tensor                    # (2B, K) fp32 sums over response tokens
     prompt_features: torch.Tensor | None   # (2B, H) detached hidden state at the last prompt token
     ref_logps: torch.Tensor | None = None  # (2B,) π_ref log-probs from the same trunk pass (frozen-trunk heads)
-
-
-def _add_noise_(tensor: torch.Tensor, rel_std: float, generator: torch.Generator, ref: torch.Tensor = None) -> None:
-    """tensor += N(0, (rel_std · std(ref))²) in place; ref defaults to the tensor itself."""
-    ref = tensor if ref is None else ref
-    scale = rel_std * ref.detach().float().std()
-    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * scale
-    with torch.no_grad():
-        tensor.add_(noise.to(tensor.dtype).to(tensor.device))
 
 
 def _prompt_features(hidden: torch.Tensor, prompt_last_index: torch.Tensor | None) -> torch.Tensor | None:
@@ -154,13 +159,17 @@ def _split_decay(params: list[tuple[str, nn.Parameter]], name: str, lr: float, w
 class MixturePolicy(nn.Module):
     """K expert policies; `forward` gives their (2B, K) sequence log-probs. Build with `build_policy`.
 
-    Exactly one of (trunk + heads), models, lora_model is given, matching cfg.kind.
-    `ref_head` (V, H): the base head for the built-in reference of a frozen-trunk `heads` policy.
+    Exactly one of (trunk + heads | lowrank | tied_head), models, lora_model is given, matching cfg.kind.
+    `ref_head` (V, H): the base head for the built-in reference of a frozen-trunk `heads` policy (and the shared
+    head W of frozen low-rank heads); `base_head` (V, H): the trainable W of low-rank heads on a trainable trunk
+    whose model does not tie its head (a tied one uses the input embedding itself); `tied_head`: K = 1, the
+    model's own tied head (no copy).
     """
 
     def __init__(self, cfg: ExpertsConfig, config, *, trunk: nn.Module | None = None,
                  heads: torch.Tensor | None = None, models: list[PreTrainedModel] | None = None,
-                 lora_model: nn.Module | None = None, ref_head: torch.Tensor | None = None):
+                 lora_model: nn.Module | None = None, ref_head: torch.Tensor | None = None,
+                 lowrank: LowRankHeads | None = None, base_head: torch.Tensor | None = None, tied_head: bool = False):
         super().__init__()
         self.cfg = cfg
         self.config = config
@@ -172,6 +181,9 @@ class MixturePolicy(nn.Module):
         if heads is not None and cfg.ep_size > 1:
             from mixdpo_ds.model.parallel import build_expert_parallel_heads
             self.ep_heads = build_expert_parallel_heads(heads, cfg)
+        self.lowrank_heads = lowrank                                                 # up (K, V, r), down (K, r, H)
+        self.base_head = nn.Parameter(base_head) if base_head is not None else None  # (V, H)
+        self.tied_head = tied_head
         self.models = nn.ModuleList(models) if models is not None else None
         self.lora_model = lora_model
         self.adapter_names = [f"expert_{k}" for k in range(cfg.num_experts)]
@@ -182,6 +194,9 @@ class MixturePolicy(nn.Module):
         if self.kind == "heads" and cfg.trunk == "frozen":
             self.trunk.requires_grad_(False)
             self.trunk.eval()
+        if (lowrank is not None or tied_head) and isinstance(self._shared_head(), nn.Parameter):
+            # W is read outside its module (the input embedding when tied): ZeRO-3 must gather it
+            register_heads_for_zero3(lowrank if lowrank is not None else self, [self._shared_head()])
         if self.kind == "models":
             register_heads_for_zero3(self, [head_weight(m) for m in self.models])
         elif self.kind == "lora":
@@ -203,6 +218,44 @@ class MixturePolicy(nn.Module):
     def _logps(self, hidden, heads, labels):
         return sequence_logps(hidden, heads, labels, self.cfg.logprob_impl, self.cfg.chunk_size)
 
+    def _shared_head(self) -> torch.Tensor:
+        """W (V, H) of low-rank / tied heads: the frozen base (ref_head), an untied trainable copy, or the trunk's
+        input embedding (the tied model's own head)."""
+        if self.ref_head is not None:
+            return self.ref_head
+        return self.base_head if self.base_head is not None else self.trunk.get_input_embeddings().weight
+
+    def _heads_logps(self, hidden, labels):
+        """`heads` kind: (logps (2B, K), ref_logps (2B,) or None) from the trunk's hidden states (2B, T, H)."""
+        frozen = self.cfg.trunk == "frozen"
+        if self.lowrank_heads is not None:   # the frozen base's column K is the reference, from the same pass
+            logps = self.lowrank_heads(hidden, self._shared_head(), labels, frozen, self.cfg.logprob_impl,
+                                       self.cfg.chunk_size)                             # (2B, K or K + 1)
+            return logps[:, :self.num_experts], logps[:, self.num_experts].detach() if frozen else None
+        if self.ep_heads is not None:
+            from mixdpo_ds.model.parallel import ep_sequence_logps
+            logps = ep_sequence_logps(self.ep_heads, hidden, labels)                     # (2B, K)
+        else:
+            heads = self._shared_head().unsqueeze(0) if self.tied_head else self.heads
+            logps = self._logps(hidden, heads, labels)                                   # (2B, K)
+        ref_logps = None
+        if frozen and self.ref_head is not None:
+            # the reference is the base head on the same frozen hidden states: no second trunk pass
+            with torch.no_grad():
+                ref_logps = self._logps(hidden, self.ref_head.unsqueeze(0), labels)[:, 0]   # (2B,)
+        return logps, ref_logps
+
+    @torch.no_grad()
+    def expert_head(self, k: int) -> torch.Tensor:
+        """Expert k's full (V, H) LM head (`heads` kind, dense: not expert-parallel)."""
+        if self.lowrank_heads is not None:
+            return self.lowrank_heads.dense(self._shared_head(), k)
+        return self._shared_head() if self.tied_head else self.heads[k]
+
+    def dense_heads(self) -> torch.Tensor:
+        """All K heads as one (K, V, H) tensor, detached (`heads` kind, dense)."""
+        return torch.stack([self.expert_head(k) for k in range(self.num_experts)])
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 prompt_last_index: torch.Tensor | None = None) -> PolicyOutput:
         """(2B, T) ids, mask, labels (-100 off the response) -> PolicyOutput(logps (2B, K) fp32, ...)."""
@@ -212,16 +265,7 @@ class MixturePolicy(nn.Module):
                     hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
             else:
                 hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
-            if self.ep_heads is not None:
-                from mixdpo_ds.model.parallel import ep_sequence_logps
-                logps = ep_sequence_logps(self.ep_heads, hidden, labels)                 # (2B, K)
-            else:
-                logps = self._logps(hidden, self.heads, labels)                          # (2B, K)
-            ref_logps = None
-            if self.cfg.trunk == "frozen" and self.ref_head is not None:
-                # the reference is the base head on the same frozen hidden states: no second trunk pass
-                with torch.no_grad():
-                    ref_logps = self._logps(hidden, self.ref_head.unsqueeze(0), labels)[:, 0]   # (2B,)
+            logps, ref_logps = self._heads_logps(hidden, labels)
             return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), ref_logps)
         per_expert, features = [], None
         for k in range(self.num_experts):
@@ -275,11 +319,16 @@ class MixturePolicy(nn.Module):
         groups = []
         if self.kind == "heads":
             trunk = [(n, p) for n, p in self.trunk.named_parameters() if p.requires_grad]
+            if self.base_head is not None:   # the shared W of low-rank heads trains with the trunk
+                trunk.append(("base_head", self.base_head))
             groups += _split_decay(trunk, "trunk", self.cfg.lr_trunk if self.cfg.lr_trunk is not None else lr,
                                    weight_decay)
-            heads = [self.heads] if self.ep_heads is None else list(self.ep_heads.parameters())
-            groups.append({"name": "experts", "params": heads, "lr": self.cfg.expert_lr(0, lr),
-                           "weight_decay": weight_decay})
+            heads = [self.heads] if self.heads is not None else []      # a tied K = 1 head is in the trunk
+            heads = list(self.ep_heads.parameters()) if self.ep_heads is not None else heads
+            heads += list(self.lowrank_heads.parameters()) if self.lowrank_heads is not None else []
+            if heads:
+                groups.append({"name": "experts", "params": heads, "lr": self.cfg.expert_lr(0, lr),
+                               "weight_decay": weight_decay})
         elif self.kind == "models":
             for k, model in enumerate(self.models):
                 params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -309,48 +358,14 @@ class MixturePolicy(nn.Module):
             model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
         if self.kind == "heads":
             model.base_model.load_state_dict({n: t.cpu() for n, t in self.trunk.state_dict().items()})
-            model.get_output_embeddings().weight.copy_(self.heads[k].detach().cpu())
-            dtype = self.heads.dtype
+            head = self.expert_head(k)
+            model.get_output_embeddings().weight.copy_(head.cpu())
+            dtype = head.dtype
         else:
             state = self.models[k].state_dict()
             model.load_state_dict({n: t.cpu() for n, t in state.items()})
             dtype = next(self.models[k].parameters()).dtype
         return model.to(dtype).eval()
-
-
-def _build_lora(base: PreTrainedModel, cfg: ExpertsConfig, seed: int) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
-                          lora_dropout=cfg.lora_dropout, bias="none")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)     # peft draws lora_A from the global RNG
-        model = get_peft_model(base, lora_cfg, adapter_name="expert_0")
-        for k in range(1, cfg.num_experts):
-            model.add_adapter(f"expert_{k}", lora_cfg)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
-
-
-def _lora_noise_(model: nn.Module, rel_std: float, generator: torch.Generator) -> None:
-    """Noise on each lora_B, scaled by its base layer's weight std. Under ZeRO-3 the base weight is partitioned at
-    load (empty here: its std would be NaN), so it is gathered to read it; the adapters are not partitioned yet and
-    every rank draws the same noise (same generator seed)."""
-    for module in model.modules():
-        lora_b = getattr(module, "lora_B", None)
-        if isinstance(lora_b, nn.ModuleDict) and hasattr(module, "get_base_layer"):
-            base_weight = module.get_base_layer().weight
-            with gathered([base_weight]):
-                for linear in lora_b.values():
-                    _add_noise_(linear.weight, rel_std, generator, ref=base_weight)
-
-
-def _noise_model_(model: nn.Module, rel_std: float, generator: torch.Generator) -> None:
-    for p in model.parameters():
-        with gathered([p], modify=True):
-            if p.ndim >= 2:
-                _add_noise_(p, rel_std, generator)
 
 
 def build_policy(model_name_or_path: str, cfg: ExpertsConfig, torch_dtype: torch.dtype = torch.float32,
@@ -370,11 +385,19 @@ def build_policy(model_name_or_path: str, cfg: ExpertsConfig, torch_dtype: torch
         weight = head_weight(base)
         with gathered([weight]):
             head = weight.detach().clone()                                                # (V, H)
+        frozen = cfg.trunk == "frozen"
+        tied = weight is base.get_input_embeddings().weight
+        if cfg.head_rank is not None:
+            lowrank = build_lowrank_heads(head, cfg.num_experts, cfg.head_rank, cfg.init_noise, generator)
+            return MixturePolicy(cfg, base.config, trunk=base.base_model, lowrank=lowrank,
+                                 ref_head=head if frozen else None, base_head=None if frozen or tied else head)
+        if cfg.num_experts == 1 and not frozen and tied and cfg.init_noise == 0 and cfg.ep_size == 1:
+            return MixturePolicy(cfg, base.config, trunk=base.base_model, tied_head=True)
         heads = head.unsqueeze(0).repeat(cfg.num_experts, 1, 1)                           # (K, V, H), untied
         for k in range(cfg.num_experts):
             if cfg.init_noise > 0:
-                _add_noise_(heads[k], cfg.init_noise, generator, ref=head)
-        ref_head = head if cfg.trunk == "frozen" else None
+                add_noise_(heads[k], cfg.init_noise, generator, ref=head)
+        ref_head = head if frozen else None
         return MixturePolicy(cfg, base.config, trunk=base.base_model, heads=heads, ref_head=ref_head)
     if cfg.kind == "models":
         models = [base]
@@ -385,9 +408,9 @@ def build_policy(model_name_or_path: str, cfg: ExpertsConfig, torch_dtype: torch
                 models.append(copy.deepcopy(base))
         if cfg.init_noise > 0:
             for model in models:
-                _noise_model_(model, cfg.init_noise, generator)
+                noise_model_(model, cfg.init_noise, generator)
         return MixturePolicy(cfg, base.config, models=models)
-    lora_model = _build_lora(base, cfg, seed)
+    lora_model = build_lora(base, cfg, seed)
     if cfg.init_noise > 0:
-        _lora_noise_(lora_model, cfg.init_noise, generator)
+        lora_noise_(lora_model, cfg.init_noise, generator)
     return MixturePolicy(cfg, base.config, lora_model=lora_model)

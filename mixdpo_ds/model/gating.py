@@ -4,7 +4,8 @@
   updated in closed form from the responsibilities (D.4): w ← normalise((1 − ρ) w + ρ · mean_i q_i),
   floored at w_min (`losses.mix_weight_update`). No gradient.
 - `MoEGate` (MoE-DPO): log w(x) = log_softmax(g(x)) with g linear or an MLP on the prompt features
-  (the policy's hidden state at the last prompt token), a user embedding, or both concatenated; trained
+  (the policy's hidden state at the last prompt token), a user embedding or the user's features
+  (`model/user_features.py`, paper App. G: routes unseen users), concatenated; trained
   by the gate loss (eq. 12) or pre-trained on a label column (`pretrain_gate`, the paper's §4.2 classifier).
 
 Users: ids 0..num_users-1; -1 (no user) maps to one extra learned row, index num_users.
@@ -21,9 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from mixdpo_ds.model.user_features import UserFeatureEncoder, UserFeatureSpec, parse_specs
+
 GATE_KINDS = ("mix", "moe")
 ARCHS = ("linear", "mlp")
-FEATURES = ("prompt", "user", "prompt+user")
+FEATURES = ("prompt", "user", "prompt+user", "user_features", "prompt+user_features")
 INITS = ("uniform", "random")
 
 
@@ -32,7 +35,13 @@ class GateConfig:
     kind: str = field(default="mix", metadata={"help": "mix (global weights, Mix-DPO) | moe (gating network)"})
     arch: str = field(default="linear", metadata={"help": "moe: linear | mlp (one hidden layer, GELU)"})
     mlp_hidden: int = field(default=64, metadata={"help": "moe mlp: hidden width"})
-    features: str = field(default="prompt", metadata={"help": "moe inputs: prompt | user | prompt+user"})
+    features: str = field(default="prompt", metadata={
+        "help": "moe inputs: prompt | user (id embedding) | prompt+user | user_features (gate.user_features columns, "
+                "so an unseen user with known features is routed at once) | prompt+user_features"})
+    user_features: list[dict] = field(default_factory=list, metadata={
+        "help": "features=…user_features: the encoders, one per column: {column, kind: categorical | numeric, "
+                "categories (categorical), dim (categorical embedding size, 4), size (numeric length, 1)}",
+        "items": UserFeatureSpec})
     user_dim: int = field(default=16, metadata={"help": "moe: user embedding size"})
     num_users: int | None = field(default=None, metadata={"help": "number of user ids (None: from the data)"})
     rho: float = field(default=1.0, metadata={"help": "mix: closed-form step size in (0, 1]; 1 = minibatch "
@@ -47,6 +56,14 @@ class GateConfig:
     hold_steps: int = field(default=0, metadata={
         "help": "moe: optimizer steps (after em.warmup_random_steps) during which the gate is not trained, so the "
                 "experts separate before the gate commits (a gate warm-up against lock-in)"})
+    trust_region: float = field(default=0.3, metadata={
+        "help": "moe: ρ > 0 shrinks each gate step so that mean_i KL(w_i^new ‖ w_i) ≤ ρ² · mean_i KL(q_i ‖ w_i) "
+                "(the gate moves at most ρ of the way to the experts' posterior); while the experts are alike q ≈ w "
+                "and the gate cannot commit to an assignment they do not support, whatever gate.lr "
+                "(docs/math.md §12; 0.3 measured in benchmarks/RESULTS.md). 0 = off"})
+    trust_max_scale: float = field(default=1.0, metadata={
+        "help": "moe, with gate.trust_region: the most a gate step is scaled; 1 = the region only shrinks the "
+                "optimizer's step, > 1 also lengthens a short one up to ρ of the way to the posterior"})
     lr: float = field(default=1e-3, metadata={"help": "moe: gate learning rate"})
     init: str = field(default="uniform", metadata={"help": "uniform (w = 1/K at start) | random (mix: Dirichlet(1) "
                                                            "sample; moe: default layer init)"})
@@ -63,10 +80,16 @@ class GateConfig:
             raise ValueError(f"gate.rho={self.rho}: must be in (0, 1]")
         if self.w_min < 0:
             raise ValueError(f"gate.w_min={self.w_min}: must be >= 0 (and < 1/K)")
+        if self.uses_user_features and not self.user_features:
+            raise ValueError(f"gate.features={self.features!r} needs gate.user_features (the feature columns and "
+                             "their encoders)")
+        self.user_features = [asdict(s) for s in parse_specs(self.user_features)]  # validated, stored as mappings
         if self.mlp_hidden < 1 or self.user_dim < 1:
             raise ValueError("gate.mlp_hidden and gate.user_dim must be >= 1")
         if self.num_users is not None and self.num_users < 0:
             raise ValueError(f"gate.num_users={self.num_users}: must be >= 0")
+        if self.trust_region < 0:
+            raise ValueError(f"gate.trust_region={self.trust_region}: must be >= 0 (0 = off)")
         if self.adam_epsilon is not None and not 0 < self.adam_epsilon < 1e3:
             raise ValueError(f"gate.adam_epsilon={self.adam_epsilon}: must be in (0, 1000) or null")
         if self.hold_steps < 0:
@@ -82,7 +105,16 @@ class GateConfig:
 
     @property
     def uses_user(self) -> bool:
-        return self.kind == "moe" and "user" in self.features
+        """Routes by user (an id embedding or the user's features): needs user ids in the data."""
+        return self.kind == "moe" and bool({"user", "user_features"} & set(self.features.split("+")))
+
+    @property
+    def uses_user_embedding(self) -> bool:
+        return self.kind == "moe" and "user" in self.features.split("+")
+
+    @property
+    def uses_user_features(self) -> bool:
+        return self.kind == "moe" and "user_features" in self.features.split("+")
 
 
 def _batch_size(prompt_features: torch.Tensor | None, user_ids: torch.Tensor | None, batch_size: int | None) -> int:
@@ -137,8 +169,14 @@ class MoEGate(nn.Module):
         self.cfg, self.num_experts, self.hidden_size = cfg, num_experts, hidden_size
         self.num_users = num_users if num_users is not None else cfg.num_users
         in_dim = hidden_size if cfg.uses_prompt else 0
-        self.user_embedding = None
-        if cfg.uses_user:
+        self.user_embedding = self.user_features = None
+        if cfg.uses_user_features:
+            if self.num_users is None:
+                raise ValueError("gate.features uses 'user_features' but gate.num_users is unknown (set it or pass "
+                                 "the data's)")
+            self.user_features = UserFeatureEncoder(cfg.user_features, self.num_users)
+            in_dim += self.user_features.width
+        if cfg.uses_user_embedding:
             if self.num_users is None:
                 raise ValueError("gate.features uses 'user' but gate.num_users is unknown (set it or pass the data's)")
             self.user_embedding = nn.Embedding(self.num_users + 1, cfg.user_dim)     # last row: no user (-1)
@@ -154,8 +192,9 @@ class MoEGate(nn.Module):
             nn.init.zeros_(last.bias)
 
     def forward(self, prompt_features: torch.Tensor | None = None, user_ids: torch.Tensor | None = None,
-                batch_size: int | None = None) -> torch.Tensor:
-        """prompt_features (B, H), user_ids (B,) long (-1: none) -> (B, K) log weights."""
+                batch_size: int | None = None, user_features: tuple | None = None) -> torch.Tensor:
+        """prompt_features (B, H), user_ids (B,) long (-1: none) -> (B, K) log weights. user_features: the users'
+        encoded features (`self.user_features.encode`) instead of the table rows of user_ids (unseen users)."""
         inputs = []
         if self.cfg.uses_prompt:
             if prompt_features is None:
@@ -168,6 +207,8 @@ class MoEGate(nn.Module):
             if (ids >= self.num_users).any() or (ids < -1).any():
                 raise ValueError(f"user id out of range [-1, {self.num_users}) (gate.num_users={self.num_users})")
             inputs.append(self.user_embedding(torch.where(ids < 0, self.num_users, ids)))
+        if self.user_features is not None:
+            inputs.append(self.user_features(user_ids, user_features).to(self.net_dtype))
         x = torch.cat(inputs, dim=-1)                                  # (B, in_dim)
         log_w = F.log_softmax(self.net(x).float(), dim=-1)             # (B, K) fp32
         eps = self.cfg.w_min

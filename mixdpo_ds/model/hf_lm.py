@@ -16,23 +16,35 @@ from mixdpo_ds.compat import is_zero3_partitioned
 IGNORE_INDEX = -100
 
 
+def response_tokens(hidden: torch.Tensor, labels: torch.Tensor):
+    """The response tokens of a batch: (rows (N,), token_hidden (N, H), targets (N,)) from (2B, T, H), (2B, T).
+
+    Token t predicts labels[t + 1] (the shift of causal LMs); only positions whose shifted label is not -100 go in.
+    """
+    targets = labels[:, 1:]                                           # (2B, T-1)
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)     # (N,), (N,)
+    return rows, hidden[:, :-1][rows, cols], targets[rows, cols]
+
+
+def sum_per_row(token_logps: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(N, K) token log-probs summed into their rows with index_add_ -> (num_rows, K) fp32."""
+    out = torch.zeros(num_rows, token_logps.shape[1], dtype=torch.float32, device=token_logps.device)
+    return out.index_add_(0, rows, token_logps.float())
+
+
 def sequence_logps(hidden: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, impl: str = "auto",
                    chunk_size: int | None = None) -> torch.Tensor:
     """Sequence log-probs of K heads over response tokens: (2B, T, H), (K, V, H), (2B, T) -> (2B, K) fp32.
 
-    Token t predicts labels[t + 1] (the shift of causal LMs); only positions whose shifted label is not -100
-    go into `expert_logprobs` as an (N, H) matrix, and the (N, K) token log-probs are summed per row with
-    index_add_ (docs/math.md §1: lp_k = Σ_t log π_k(y_t | x, y_<t) over response tokens only).
+    The response tokens (`response_tokens`) go into `expert_logprobs` as an (N, H) matrix, and the (N, K) token
+    log-probs are summed per row (docs/math.md §1: lp_k = Σ_t log π_k(y_t | x, y_<t) over response tokens only).
     """
     from mixdpo_ds.kernels import default_impl, expert_logprobs  # lazy: keeps `import experts` light
 
-    targets = labels[:, 1:]                                           # (2B, T-1)
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)     # (N,), (N,)
-    token_hidden = hidden[:, :-1][rows, cols]                         # (N, H)
+    rows, token_hidden, targets = response_tokens(hidden, labels)
     impl = default_impl(hidden.device) if impl == "auto" else impl
-    token_logps = expert_logprobs(token_hidden, heads, targets[rows, cols], impl=impl, chunk_size=chunk_size)  # (N, K)
-    out = torch.zeros(hidden.shape[0], heads.shape[0], dtype=torch.float32, device=hidden.device)
-    return out.index_add_(0, rows, token_logps.float())              # (2B, K)
+    token_logps = expert_logprobs(token_hidden, heads, targets, impl=impl, chunk_size=chunk_size)  # (N, K)
+    return sum_per_row(token_logps, rows, hidden.shape[0])                                        # (2B, K)
 
 
 def head_weight(model: PreTrainedModel) -> torch.Tensor:

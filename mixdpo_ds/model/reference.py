@@ -1,4 +1,4 @@
-"""The frozen reference policy π_ref and the on-disk cache of its sequence log-probs (SPEC §1-2).
+"""The frozen reference policy π_ref and the on-disk cache of its sequence log-probs (docs/math.md §1–§2).
 
 The reference never changes, so its log-probs can be computed once over the dataset and reused by every
 epoch and every run with the same model, data and lengths: `precompute_reference_logps` keys a file by
@@ -154,8 +154,8 @@ def precompute_reference_logps(reference, examples: Sequence[dict], collate_fn: 
         rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]   # list or Dataset
         batch = collate_fn(rows)
         logps = reference.logps(batch).float().cpu()                # (2B,) or (2B, K)
-        B = logps.shape[0] // 2
-        pairs = logps.view(2, B, *logps.shape[1:]).transpose(0, 1)  # (B, 2) or (B, 2, K)
+        B = len(batch["index"])  # ranked items: m·B rows, response-major (docs/math.md §15)
+        pairs = logps.view(-1, B, *logps.shape[1:]).transpose(0, 1)  # (B, 2) or (B, 2, K); ranked (B, m[, K])
         if result is None:
             result = torch.full((num_examples, *pairs.shape[1:]), float("nan"))
         result[torch.as_tensor(batch["index"]).long()] = pairs

@@ -1,5 +1,6 @@
 """The model batch (docs/ARCHITECTURE.md "Batch"): the deterministic, resumable order of the pairs (`batches`),
-the collated tensors (`collate`; rows 0..B-1 chosen, B..2B-1 rejected) and the views of them the trainer takes."""
+the collated tensors (`collate`; rows 0..B-1 chosen, B..2B-1 rejected; ranked items of m responses: rows j·B..(j+1)·B-1
+the rank-j response, docs/math.md §15) and the views of them the trainer takes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -11,8 +12,19 @@ MODEL_KEYS = ("input_ids", "attention_mask", "labels", "prompt_last_index")  # w
 
 
 def as_pairs(x: torch.Tensor, B: int) -> torch.Tensor:
-    """(2B,) -> (B, 2) or (2B, K) -> (B, 2, K): rows 0..B-1 chosen, B..2B-1 rejected."""
-    return x.view(2, B, *x.shape[1:]).transpose(0, 1)
+    """(2B,) -> (B, 2) or (2B, K) -> (B, 2, K): rows 0..B-1 chosen, B..2B-1 rejected.
+
+    Ranked items (m responses each, response-major: rows j·B..(j+1)·B-1 hold rank j): (mB,) -> (B, m) and
+    (mB, K) -> (B, m, K); m = rows / B, so pairs are the m = 2 case exactly."""
+    if x.shape[0] % B:
+        raise ValueError(f"as_pairs: {x.shape[0]} rows are not a whole number of responses for {B} items")
+    return x.view(x.shape[0] // B, B, *x.shape[1:]).transpose(0, 1)
+
+
+def example_responses(ex: dict) -> list[list[int]]:
+    """The token ids of an example's responses in ranked order: [chosen, rejected] for a pair, `response_ids`
+    (m lists, best first) for a ranked item."""
+    return ex["response_ids"] if "response_ids" in ex else [ex["chosen_ids"], ex["rejected_ids"]]
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -33,11 +45,17 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     prompt + chosen, rows B..2B-1 prompt + rejected, right-padded with `pad_token_id`; labels are the ids on
     response tokens and -100 on prompt and padding. prompt_last_index: (2B,) position of the last prompt
     token. user_ids, group_ids, index: (B,) long.
+    Ranked items (m responses each, `response_ids`): (mB, T) rows, response-major: rows j·B..(j+1)·B-1 are
+    prompt + the rank-j response (rank 0 best); m = 2 is the pair layout above, row for row.
     """
     if pad_token_id is None:
         raise ValueError("collate needs a pad_token_id (set tokenizer.pad_token, e.g. to the eos token)")
-    pairs = [(ex["prompt_ids"], ex["chosen_ids"]) for ex in examples]
-    pairs += [(ex["prompt_ids"], ex["rejected_ids"]) for ex in examples]
+    responses = [example_responses(ex) for ex in examples]
+    sizes = sorted({len(r) for r in responses})
+    if len(sizes) != 1:
+        raise ValueError(f"collate: one batch needs one number of responses per item, got {sizes} (ranked data "
+                         "must rank the same number of responses in every row)")
+    pairs = [(ex["prompt_ids"], r[j]) for j in range(sizes[0]) for ex, r in zip(examples, responses, strict=True)]
     T = max(len(p) + len(y) for p, y in pairs)
     ids, mask, labels = [], [], []
     for p, y in pairs:

@@ -10,23 +10,41 @@ import torch
 
 from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training.batch import chosen_prompt_features, model_inputs
-from mixdpo_ds.training.deepspeed_config import lr_lambda, zero_stage_of
+from mixdpo_ds.training.deepspeed_config import zero_stage_of
 from mixdpo_ds.training.distributed import replicated_load
+from mixdpo_ds.training.schedule import build_scheduler
 
 log = logging.getLogger("mixdpo_ds")
 
 
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next `step()` can be skipped outright (no parameter or moment changes): how a step with a
-    non-finite loss or gradient is dropped under `train.nonfinite=skip` (training/guard.py)."""
+    non-finite loss or gradient is dropped under `train.nonfinite=skip` (training/guard.py).
+
+    The fused implementation (one vectorised kernel per parameter, on the CPU too) unless the caller chooses:
+    torch's default on the CPU is the per-tensor Python loop (foreach needs every parameter on CUDA), which for a
+    GPT-2's ~150 tensors costs more than the update's arithmetic.
+    """
 
     skip_next = False
+
+    def __init__(self, params, **kwargs):
+        params = list(params)
+        if "fused" not in kwargs and "foreach" not in kwargs and fused_adamw_supported(params):
+            kwargs["fused"] = True
+        super().__init__(params, **kwargs)
 
     def step(self, closure=None):
         if self.skip_next:
             self.skip_next = False
             return None
         return super().step(closure)
+
+
+def fused_adamw_supported(params) -> bool:
+    """True when torch's fused AdamW takes every parameter (floating point, on the CPU or CUDA)."""
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
 
 
 def skippable_adamw(optimizer) -> SkippableAdamW:
@@ -59,6 +77,8 @@ def build_engine(policy, cfg, ds_config: dict, total_steps: int):
     import deepspeed
 
     t = cfg.train
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     groups = policy.param_groups(t.lr, t.weight_decay)
     if cfg.experts.ep_size > 1:
         from mixdpo_ds.model.parallel import check_expert_parallel, moe_param_groups
@@ -68,14 +88,35 @@ def build_engine(policy, cfg, ds_config: dict, total_steps: int):
         groups = moe_param_groups(groups)
     optimizer = SkippableAdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_epsilon,
                                weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total_steps, t.lr_schedule))
+    scheduler = build_scheduler(optimizer, t, total_steps)  # transformers.get_scheduler (training/schedule.py)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
     return engine, optimizer, scheduler
 
 
+def enable_gradient_checkpointing(policy) -> list:
+    """transformers' gradient checkpointing (non-reentrant) on every transformer the policy trains: a trainable
+    trunk, the K models, the base under lora (its frozen weights still carry the adapters' activations). A frozen
+    trunk runs under no_grad and has nothing to recompute. -> the models it was enabled on."""
+    if policy.kind == "heads":
+        models = [policy.trunk] if policy.cfg.trunk == "trainable" else []
+    elif policy.kind == "models":
+        models = list(policy.models)
+    else:
+        models = [policy.lora_model.base_model.model]
+    for model in models:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not models:
+        log.warning("train.gradient_checkpointing: experts.kind='heads' with a frozen trunk trains no transformer "
+                    "layer; nothing to checkpoint")
+    return models
+
+
 def reference_paths(cfg):
-    """The reference model(s): the K initial checkpoints of `models` experts, else the base model."""
+    """The reference model(s): model.ref_name_or_path when set, the K initial checkpoints of `models` experts, else
+    the base model."""
+    if cfg.model.ref_name_or_path:
+        return cfg.model.ref_name_or_path
     if cfg.experts.kind == "models" and cfg.experts.init_paths:
         return cfg.experts.init_paths
     return cfg.model.name_or_path
@@ -88,7 +129,7 @@ def build_reference(cfg, policy, data, zero_stage: int, rank: int, collate, out_
     paths = reference_paths(cfg)
     # ZeRO-3: the policy's weights exist only inside the engine's forward, so its built-in reference cannot run
     # (nor run on rank 0 alone for precompute); a replicated FrozenReference does (training/distributed.py).
-    builtin = policy.has_builtin_reference and zero_stage < 3
+    builtin = policy.has_builtin_reference and zero_stage < 3 and not cfg.model.ref_name_or_path
     with replicated_load():
         reference = PolicyReference(policy) if builtin else FrozenReference(
             paths, dtype, cfg.experts.logprob_impl, cfg.experts.chunk_size)

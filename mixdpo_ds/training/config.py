@@ -16,6 +16,7 @@ A YAML file with a duplicate key or a syntax error is an error naming the file a
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,17 @@ from mixdpo_ds.core.em import EMConfig
 from mixdpo_ds.model.experts import ExpertsConfig
 from mixdpo_ds.model.gating import GateConfig
 from mixdpo_ds.training.config_checks import check_fields, is_finite_number, short_repr, yaml_load
+from mixdpo_ds.training.config_names import flat_table, merge, nest_flat
+from mixdpo_ds.training.config_names import nested_dataclass as _nested_dataclass
 from mixdpo_ds.training.data import DataConfig
+from mixdpo_ds.training.schedule import SCHEDULES
 
 DTYPES = ("fp32", "bf16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = SCHEDULES  # transformers.get_scheduler's names (training/schedule.py)
+DEFAULT_LR = 1e-4
 REFERENCE_MODES = ("model", "precompute")
 LOSS_IMPLS = ("auto", "naive", "triton")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -47,6 +53,9 @@ class ModelConfig:
     dtype: str = field(default="fp32", metadata={"help": f"Model weights dtype, one of {list(DTYPES)}; the loss "
                                                         "math is fp32 either way."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer name or path; default: name_or_path."})
+    ref_name_or_path: str | None = field(default=None, metadata={
+        "help": "A separate frozen reference model (TRL's ref_model), shared by the K experts; default: the base "
+                "(lora: the base with adapters off; models with init_paths: each expert's initial checkpoint)."})
 
     def __post_init__(self):
         _check_choice("model.dtype", self.dtype, DTYPES)
@@ -97,8 +106,10 @@ class TrainConfig:
     micro_batch_size: int = field(default=4, metadata={"help": "Preference pairs per rank per micro step."})
     grad_accum: int = field(default=1, metadata={"help": "Micro steps per optimizer step."})
     eval_batch_size: int | None = field(default=None, metadata={"help": "Pairs per eval batch; default micro_batch."})
-    lr: float = field(default=1e-4, metadata={"help": "Base learning rate (experts.lr_trunk / lr_experts override "
-                                                      "per group). Heads on a frozen trunk specialise at small lr."})
+    lr: float | None = field(default=None, metadata={
+        "help": f"Base learning rate (experts.lr_trunk / lr_experts override per group); null: {DEFAULT_LR}, the "
+                "frozen-trunk heads' and lora's default, with a warning for full models (models, trainable trunk), "
+                "which usually want 1e-6 to 1e-5 (TRL's DPO default is 1e-6)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW ε of the policy's and the gate's optimizers."})
@@ -107,8 +118,16 @@ class TrainConfig:
                 "optimizer step and count it; ZeRO-0 only). See training/guard.py."})
     dist_timeout_s: float = field(default=1800.0, metadata={
         "help": "Seconds a collective may wait for the other ranks before the run fails (a frozen or dead rank)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear lr warm-up steps."})
-    lr_schedule: str = field(default="constant", metadata={"help": f"After warm-up, one of {list(LR_SCHEDULES)}."})
+    warmup_steps: int | float = field(default=0, metadata={
+        "help": "Linear lr warm-up: steps (an integer), or a float in (0, 1) = a ratio of the steps (as transformers "
+                "5); overrides warmup_ratio."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warm-up as a fraction of the optimizer steps, used "
+                                                               "when warmup_steps = 0 (ceil(ratio × steps))."})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": f"transformers.get_scheduler's schedule, one of {list(LR_SCHEDULES)} (training/schedule.py)."})
+    lr_scheduler_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "Extra arguments of the schedule (get_scheduler's scheduler_specific_kwargs), e.g. {min_lr_rate: "
+                "0.1} for cosine_with_min_lr, {num_decay_steps: 10} for warmup_stable_decay."})
     gradient_clipping: float | None = field(default=None, metadata={"help": "Overrides the engine JSON's "
                                                                             "gradient_clipping (0 = off)."})
     seed: int = field(default=0, metadata={"help": "Seed of model init noise, data order, random warm-up, Gumbel."})
@@ -118,13 +137,29 @@ class TrainConfig:
     keep_last: int = field(default=2, metadata={"help": "Checkpoints kept (older ones are deleted); 0 = keep all."})
     resume_from: str | None = field(default=None, metadata={"help": "Checkpoint dir, 'auto' (latest in output_dir, "
                                                                      "fresh start if none) or null."})
-    tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard events to output_dir/tb."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard events to output_dir/tb "
+                                                               "(the same as 'tensorboard' in report_to)."})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "Experiment trackers, any of ['tensorboard', 'wandb', 'mlflow'] (training/trackers.py), each "
+                "through its own library on rank 0; [] or 'none' = metrics.jsonl only."})
+    run_name: str | None = field(default=None, metadata={"help": "Tracker run name; default: the output_dir's name."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward (transformers' gradient_checkpointing_enable) of every "
+                "trained transformer: trainable trunk, models, the base under lora."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0."})
     reference: str = field(default="model", metadata={"help": f"One of {list(REFERENCE_MODES)}: frozen reference "
                                                               "model each step, or log-probs precomputed and cached."})
     reference_cache_dir: str | None = field(default=None, metadata={"help": "Cache dir for precomputed reference "
                                                                             "log-probs; default output_dir/ref_cache."})
     export: bool = field(default=True, metadata={"help": "Export each expert + gate to output_dir/export at the end."})
+    export_merged: bool = field(default=False, metadata={
+        "help": "lora: also write each expert merged into a full model (export/merged/expert_k); the default "
+                "export is K adapters on the base (export/expert_k, loadable with peft.PeftModel)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the export to the Hugging Face Hub at the end "
+                                                               "(huggingface_hub; the token from HF_TOKEN / login)."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository of push_to_hub ('owner/name'); "
+                                                                     "default: the output_dir's name."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the push_to_hub repository private."})
     plots: bool = field(default=True, metadata={"help": "Write loss / responsibility plots at the end."})
 
     def __post_init__(self):
@@ -133,7 +168,11 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum", "log_every"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)!r}: must be an integer >= 1")
-        for key in ("warmup_steps", "eval_every", "save_every", "keep_last"):
+        if not (is_finite_number(self.warmup_steps) and self.warmup_steps >= 0 and (
+                self.warmup_steps < 1 or float(self.warmup_steps).is_integer())):
+            raise ValueError(f"train.warmup_steps={self.warmup_steps!r}: must be an integer >= 0 (steps) or a number "
+                             "in (0, 1) (a ratio of the steps)")
+        for key in ("eval_every", "save_every", "keep_last"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"train.{key}={getattr(self, key)!r}: must be an integer >= 0 (0 = off)")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
@@ -143,7 +182,7 @@ class TrainConfig:
             raise ValueError(f"train.max_steps={self.max_steps!r}: must be >= 1, or -1 (derive from train.epochs)")
         if not is_finite_number(self.epochs) or (self.max_steps == -1 and not self.epochs > 0):
             raise ValueError(f"train.epochs={self.epochs!r}: must be finite, and > 0 when train.max_steps = -1")
-        if not (is_finite_number(self.lr) and 0 < self.lr < 1e3):
+        if self.lr is not None and not (is_finite_number(self.lr) and 0 < self.lr < 1e3):
             raise ValueError(f"train.lr={self.lr!r}: must be finite and in (0, 1000) (the AdamW learning rate; "
                              "typical values are 1e-6 to 1e-2)")
         if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
@@ -167,6 +206,15 @@ class TrainConfig:
                              "collective waits for the other ranks)")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.nonfinite={self.nonfinite!r}: allowed ['stop', 'skip']")
+        if not (is_finite_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise ValueError(f"train.report_to={self.report_to!r}: unknown {unknown}; allowed {list(REPORT_TO)}")
+        if "tensorboard" in self.report_to:
+            self.tensorboard = True  # one writer, MetricsLogger's
+        elif self.tensorboard:
+            self.report_to = [*self.report_to, "tensorboard"]
 
 
 @dataclass
@@ -211,8 +259,16 @@ class RunConfig:
     deepspeed: DeepSpeedSection
 
     def __post_init__(self):
+        if self.train.lr is None:
+            self.train.lr = DEFAULT_LR
+            if self.experts.kind == "models" or (self.experts.kind == "heads" and self.experts.trunk == "trainable"):
+                warnings.warn(f"train.lr (MixDPOConfig.learning_rate) is not set: {DEFAULT_LR}, the default of "
+                              f"frozen-trunk heads and lora, for experts.kind={self.experts.kind!r} with trainable "
+                              "full-model weights; those usually want 1e-6 to 1e-5 (TRL's DPO default is 1e-6)",
+                              UserWarning, stacklevel=2)
         if not self.model.name_or_path:
-            raise ValueError("model.name_or_path is required")
+            raise ValueError("model.name_or_path is required (MixDPOConfig.model_name_or_path, mixdpo train "
+                             "--model_name_or_path)")
         if self.experts.num_experts > 1 and self.gate.kind == "mix" and self.em.gate_update == "alternate":
             raise ValueError("em.gate_update='alternate' needs gate.kind='moe' (the 'mix' gate is updated in "
                              "closed form); allowed for gate.kind='mix': ['joint', 'frozen']")
@@ -231,6 +287,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
+        """Nested sections and/or top-level flat names (training/config_names.py) -> the checked RunConfig."""
+        raw = nest_flat(raw, SECTIONS)
         _check_keys(raw, cls)
         return cls(**{name: _build(SECTIONS[name], {} if raw.get(name) is None else raw[name], name)
                       for name in SECTIONS})
@@ -245,18 +303,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def _nested_dataclass(f: dataclasses.Field) -> type | None:
-    """The dataclass type of a field whose default is a dataclass instance (e.g. em.estep), else None."""
-    if f.default_factory is not dataclasses.MISSING:
-        try:
-            value = f.default_factory()
-        except TypeError:
-            return None
-    else:
-        value = f.default
-    return type(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
 
 
 def _check_keys(raw: Any, cls: type, prefix: str = "") -> None:
@@ -290,22 +336,19 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] in flat_table(SECTIONS):  # a flat name: learning_rate=1e-5
+            value = yaml_load(text, source=f"override {item!r}") if text != "" else None
+            out = merge(out, nest_flat({parts[0]: value}, SECTIONS))
+            continue
         if len(parts) < 2 or not all(parts):
-            raise ValueError(f"override key {key!r} must be section.key (sections: {list(SECTIONS)})")
+            raise ValueError(f"override key {key!r} must be section.key (sections: {list(SECTIONS)}) or a flat "
+                             "name (mixdpo train --help lists them)")
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {p!r}")
         node[parts[-1]] = yaml_load(text, source=f"override {item!r}") if text != "" else None
-    return out
-
-
-def merge(base: dict, update: dict) -> dict:
-    """Deep merge: dicts merge key by key, anything else in `update` replaces."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

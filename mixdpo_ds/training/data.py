@@ -18,6 +18,7 @@ prompt from response exactly, and chosen and rejected would not share one prompt
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mixdpo_ds.compat import dataset_fingerprint
-from mixdpo_ds.training.data_files import load_local, looks_local
-from mixdpo_ds.training.data_rows import BadRow, row_texts, truncate_pair
+from mixdpo_ds.training.data_cache import tokenise_cached
+from mixdpo_ds.training.data_files import is_saved_dataset, load_local, load_saved, looks_local
+from mixdpo_ds.training.data_rows import BadRow, check_ranking_size, item_texts, truncate_pair, truncate_ranked
 
 _FORMAT_VERSION = 1  # bump when tokenisation rules change: invalidates reference-logp caches
 _CHUNK = 512
@@ -50,19 +52,34 @@ class DataConfig:
                 "chosen/rejected (HH-RLHF transcripts / shared chat messages)"})
     chosen_column: str = field(default="chosen", metadata={"help": "preferred response (string or message list)"})
     rejected_column: str = field(default="rejected", metadata={"help": "dispreferred response"})
+    responses_column: str | None = field(default="responses", metadata={
+        "help": "ranked data (docs/math.md §15): a list of m >= 2 responses per row, the same m in every row; when "
+                "it and ranking_column or scores_column exist, the rows are ranked and chosen/rejected are not read"})
+    ranking_column: str | None = field(default="ranking", metadata={
+        "help": "ranked data: response indices best first, a permutation of 0..m-1"})
+    scores_column: str | None = field(default="scores", metadata={
+        "help": "ranked data: one number per response, higher is better; tied scores make a bad row"})
     user_column: str | None = field(default="user", metadata={
         "help": "optional user id (str/int) for user-conditioned gating; absent default column → -1"})
     group_column: str | None = field(default="group", metadata={
         "help": "optional ground-truth group label, used only by evaluation (HH relabeled data: 'objective')"})
     max_length: int = field(default=512, metadata={"help": "max tokens of prompt + response"})
-    max_prompt_length: int = field(default=256, metadata={
-        "help": "prompts keep their last this many tokens; < max_length keeps >= 1 response token, == max_length "
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "prompts keep their last this many tokens (null: min(256, max_length // 2), so a TRL config that sets "
+                "only max_length works); < max_length keeps >= 1 response token, == max_length "
                 "turns a prompt that fills the budget into a bad row instead"})
     on_bad_row: str = field(default="error", metadata={"help": "'error': stop at the first bad row; "
                                                                "'skip': drop bad rows and count them by reason"})
     max_rows: int | None = field(default=None, metadata={"help": "use a seeded random subset of this many rows "
                                                                  "of `path` (quick runs)"})
     seed: int = field(default=0, metadata={"help": "seed of the max_rows subset and the eval_fraction split"})
+    config_name: str | None = field(default=None, metadata={"help": "hub dataset configuration name "
+                                                                    "(load_dataset's `name`)"})
+    data_dir: str | None = field(default=None, metadata={"help": "sub-directory of the hub dataset (load_dataset's "
+                                                                 "data_dir), or of a local folder"})
+    revision: str | None = field(default=None, metadata={"help": "hub dataset revision (branch, tag or commit)"})
+    num_proc: int | None = field(default=None, metadata={"help": "processes of the tokenising Dataset.map "
+                                                                 "(TRL's dataset_num_proc); null = one"})
 
     def __post_init__(self):
         # An empty path is allowed here (a run config may hold a default DataConfig); load_preference_data
@@ -78,6 +95,8 @@ class DataConfig:
                              "data.eval_path / data.eval_split (set one or the other)")
         if not (isinstance(self.max_length, int) and self.max_length >= 2):
             raise ValueError(f"data.max_length={self.max_length}: must be an integer >= 2")
+        if self.max_prompt_length is None and isinstance(self.max_length, int):
+            self.max_prompt_length = min(256, self.max_length // 2)
         if not (isinstance(self.max_prompt_length, int) and 1 <= self.max_prompt_length <= self.max_length):
             raise ValueError(f"data.max_prompt_length={self.max_prompt_length}: must be an integer in "
                              f"[1, data.max_length={self.max_length}]")
@@ -87,14 +106,16 @@ class DataConfig:
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 raise ValueError(f"data.{key}={getattr(self, key)!r}: must be a column name")
         names = [c for c in (self.prompt_column, self.chosen_column, self.rejected_column, self.user_column,
-                             self.group_column) if c is not None]
+                             self.group_column, self.responses_column, self.ranking_column, self.scores_column)
+                 if c is not None]
         if len(set(names)) != len(names):
             raise ValueError(f"data.*_column: the columns must be distinct, got {names}")
 
 
 @dataclass
 class PreferenceData:
-    train: list[dict]  # tokenised examples: prompt_ids, chosen_ids, rejected_ids, user, group, index
+    train: list[dict]  # tokenised examples: prompt_ids, chosen_ids, rejected_ids, user, group, index (+ response_ids
+    #                    of ranked rows, best first; chosen/rejected are then its first / last)
     eval: list[dict]
     skipped: dict[str, int]  # bad rows dropped (on_bad_row=skip), by reason, train and eval together
     user_vocab: dict[str, int]  # str(user value) -> id
@@ -115,9 +136,14 @@ def _load_source(path: str, split: str, key: str, cfg: DataConfig, skipped: Coun
     if not path:
         raise ValueError(f"data.{key} is not set: give a hub dataset name, a local file or a directory")
     path = os.path.expanduser(path)
+    if cfg.data_dir and os.path.isdir(path):  # a local folder's sub-folder; for a hub dataset, load_dataset's
+        path = os.path.join(path, cfg.data_dir)
     origin = None
     try:
-        if os.path.isfile(path) or os.path.isdir(path):
+        if is_saved_dataset(path):  # a Dataset / DatasetDict.save_to_disk folder (the TRL-shaped trainer's inputs)
+            ds, files = load_saved(path, split, label)
+            source_fp = "disk:" + _hash_files(files, path)
+        elif os.path.isfile(path) or os.path.isdir(path):
             columns_of = lambda d, lab: _columns(d, cfg, lab)  # noqa: E731
             ds, files, origin = load_local(path, split, label, cfg.on_bad_row, columns_of, skipped)
             # content only for a file (a copy keeps its cache); in a folder file names decide splits, and the
@@ -127,7 +153,8 @@ def _load_source(path: str, split: str, key: str, cfg: DataConfig, skipped: Coun
             raise FileNotFoundError(f"{label}: no such file or directory")
         else:
             try:
-                ds = datasets.load_dataset(path, split=split)
+                ds = datasets.load_dataset(path, cfg.config_name, split=split, data_dir=cfg.data_dir,
+                                           revision=cfg.revision)
             except (ValueError, KeyError):
                 raise
             except Exception as e:  # noqa: BLE001 - hub errors: connection, repo not found, …
@@ -158,15 +185,26 @@ def _columns(ds, cfg: DataConfig, label: str) -> dict[str, str | None]:
     """Role → column name (None: optional column not used). Missing required columns are errors in both
     on_bad_row modes; an optional column is silently absent only under its default name."""
     defaults = {f.name: f.default for f in DataConfig.__dataclass_fields__.values()}
+    present = lambda key: getattr(cfg, key) is not None and getattr(cfg, key) in ds.column_names  # noqa: E731
+    # ranked: a responses column *and* an order for it (HH-RLHF relabeled files carry a `responses` list beside
+    # chosen / rejected, and stay pairs)
+    ranked = present("responses_column") and (present("ranking_column") or present("scores_column"))
+    required = ("responses",) if ranked else ("chosen", "rejected")
     cols = {}
-    for role in ("prompt", "chosen", "rejected", "user", "group"):
+    for role in ("prompt", "chosen", "rejected", "user", "group", "responses", "ranking", "scores"):
         key = f"{role}_column"
         name = getattr(cfg, key)
-        if name is not None and name not in ds.column_names:
-            if role in ("chosen", "rejected") or name != defaults[key]:
+        if ranked and role in ("chosen", "rejected") or not ranked and role in ("responses", "ranking", "scores"):
+            name = None  # not read in this format
+        elif name is not None and name not in ds.column_names:
+            if role in required or name != defaults[key]:
                 raise ValueError(f"{label}: column {name!r} (data.{key}) not found; columns: {ds.column_names}")
             name = None
         cols[role] = name
+    if ranked and cols["ranking"] is not None and cols["scores"] is not None:
+        raise ValueError(f"{label}: ranked data (column {cfg.responses_column!r}) has both order columns "
+                         f"data.ranking_column={cfg.ranking_column!r} and data.scores_column={cfg.scores_column!r}; "
+                         "set the one not to use to null")
     return cols
 
 
@@ -242,31 +280,41 @@ def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder,
         for j, index in enumerate(chunk_idx):
             row = {role: (chunk[c][j] if c is not None else None) for role, c in cols.items()}
             try:
-                texts.append(row_texts(enc.tok, row["prompt"], row["chosen"], row["rejected"], cols["prompt"]))
+                texts.append(item_texts(enc.tok, row, cols))
             except BadRow as bad:
                 _bad(bad, label, index, cfg, skipped, origin)
                 continue
             meta.append((index, row["user"], row["group"]))
         if not texts:
             continue
-        is_chat = [t[3] for t in texts]
+        is_chat = [t[2] for t in texts]
         prompts = enc.prompts([t[0] for t in texts], is_chat)
-        chosen = enc.responses([t[1] for t in texts], is_chat)
-        rejected = enc.responses([t[2] for t in texts], is_chat)
-        for p, c, r, (index, user, group) in zip(prompts, chosen, rejected, meta, strict=True):
+        flat = enc.responses([y for t in texts for y in t[1]], [c for t in texts for c in [t[2]] * len(t[1])])
+        ends = np.cumsum([len(t[1]) for t in texts]).tolist()
+        for p, lo, hi, (index, user, group) in zip(prompts, [0] + ends[:-1], ends, meta, strict=True):
             try:
                 if not p:
                     raise BadRow("empty_prompt", "the prompt is empty (no tokens)")
-                p, c, r = truncate_pair(p, c, r, cfg.max_length, cfg.max_prompt_length, keep_prefix=len(enc.prefix))
+                if cols["responses"] is None:
+                    p, c, r = truncate_pair(p, flat[lo], flat[lo + 1], cfg.max_length, cfg.max_prompt_length,
+                                            keep_prefix=len(enc.prefix))
+                    ranked = {}
+                else:
+                    p, ys = truncate_ranked(p, flat[lo:hi], cfg.max_length, cfg.max_prompt_length, len(enc.prefix))
+                    c, r, ranked = ys[0], ys[-1], {"response_ids": ys}  # best first
             except BadRow as bad:
                 _bad(bad, label, index, cfg, skipped, origin)
                 continue
             examples.append({
-                "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "index": index,
+                "prompt_ids": p, "chosen_ids": c, "rejected_ids": r, **ranked, "index": index,
                 "user": vocabs["user"].get(_word(user), -1),
                 "group": vocabs["group"].get(_word(group), -1),
             })
     return examples
+
+
+def _tokenise_split(ds, cols, cfg, enc, label, vocabs, origin, indices, skipped):
+    return _tokenise_rows(ds, indices, cols, cfg, enc, label, vocabs, skipped, origin)
 
 
 def _bad(bad: BadRow, label: str, index: int, cfg: DataConfig, skipped: Counter, origin=None) -> None:
@@ -309,7 +357,14 @@ def load_preference_data(cfg: DataConfig, tokenizer) -> PreferenceData:
         values = [v for d, _, c, _, _ in sources if c[role] is not None for v in d[c[role]]]
         vocabs[role] = _vocab(values)
     enc = _Encoder(tokenizer)
-    splits = [_tokenise_rows(d, r, c, cfg, enc, lab, vocabs, skipped, o) for d, lab, c, r, o in sources]
+    key = _fingerprint(cfg, source_fp, enc) + json.dumps(vocabs, sort_keys=True)
+    splits = []
+    for d, lab, c, r, o in sources:  # Dataset.map, cached, main process first (training/data_cache.py)
+        examples, bad = tokenise_cached(d, r, functools.partial(_tokenise_split, d, c, cfg, enc, lab, vocabs, o),
+                                        key + lab, num_proc=cfg.num_proc)
+        skipped.update(bad)
+        splits.append(examples)
+    check_ranking_size(splits, label)
     train, evals = splits[0], (splits[1] if len(splits) > 1 else [])
     if not train:
         raise ValueError(f"{label}: no usable rows (skipped: {dict(skipped)})")
@@ -322,7 +377,7 @@ def _fingerprint(cfg: DataConfig, source_fp: str, enc: _Encoder) -> str:
     tok = enc.tok
     backend = getattr(tok, "backend_tokenizer", None)
     tok_id = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else tok.name_or_path
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("path", "eval_path", "on_bad_row")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("path", "eval_path", "on_bad_row", "num_proc")}
     blob = json.dumps({"v": _FORMAT_VERSION, "source": source_fp, "cfg": settings, "tok": tok_id,
                        "chat": getattr(tok, "chat_template", None), "prefix": enc.prefix, "eos": enc.eos,
                        "on_bad_row": cfg.on_bad_row}, sort_keys=True)

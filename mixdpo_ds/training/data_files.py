@@ -111,6 +111,31 @@ def load_local(path: str, split: str, label: str, on_bad_row: str, columns_of, s
     return ds, files, (origin if root is not None else None)
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json + dataset_info.json) or `DatasetDict.save_to_disk`
+    (dataset_dict.json)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))))
+
+
+def load_saved(path: str, split: str, label: str):
+    """A save_to_disk folder -> (the Dataset of `split`, its arrow files). A Dataset folder is the split 'train';
+    a DatasetDict folder has its own split names. Slices ('train[:100]') work as for files."""
+    import glob
+
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    for name in _split_names(split, label):
+        if name not in splits:
+            raise ValueError(f"{label}: no split {name!r}; the saved dataset's splits: {sorted(splits)}")
+    segments = {name: [(0, name, 0)] for name in splits}
+    ds, _ = _apply_split(splits, segments, split, label)
+    # the saved shards only: cache-*.arrow files (Dataset.map's, ours included) come and go beside them
+    return ds, sorted(glob.glob(os.path.join(path, "**", "data-*.arrow"), recursive=True))
+
+
 # ----------------------------------------------------------------------------------------- the folder
 def _folder_splits(path: str, label: str) -> dict[str, list[str]]:
     """Split name → supported data files of the folder (sorted), by `datasets`' file-name rules; the files not

@@ -41,15 +41,22 @@ def split_transcripts(prompt: str | None, chosen: str, rejected: str) -> tuple[s
     transcript). If both remainders then start with "\\n\\nAssistant:", that turn header moves into the
     prompt, so the prompt ends where the assistant starts speaking, exactly as in the derived case.
     Without a prompt (`None`): the prompt is the longest common prefix of chosen and rejected that ends
-    with "\\n\\nAssistant:" (the HH-RLHF convention); no such prefix is a bad row.
+    with "\\n\\nAssistant:" (the HH-RLHF convention); without one, TRL's implicit prompt: the whole shared
+    start (a space just before the split goes to the responses), as `trl.extract_prompt`; no shared start, or one
+    that leaves a response empty, is a bad row.
     """
     if prompt is None:
         shared = _common_prefix_len(chosen, rejected)
         cut = chosen.rfind(HH_ASSISTANT, 0, shared)  # whole marker inside the shared prefix
-        if cut < 0:
-            raise BadRow("no_prompt", f"no prompt column, and 'chosen' / 'rejected' share no {HH_ASSISTANT!r} "
-                                      "turn to split the prompt at")
-        cut += len(HH_ASSISTANT)
+        if cut >= 0:
+            cut += len(HH_ASSISTANT)
+            return chosen[:cut], chosen[cut:], rejected[cut:]
+        # TRL's implicit prompt (trl.extract_prompt): the shared start, a space before the split left to the responses
+        cut = shared - 1 if shared > 0 and chosen[shared - 1] == " " else shared
+        if cut == 0 or cut >= min(len(chosen), len(rejected)):
+            raise BadRow("no_prompt", f"no prompt column, and 'chosen' / 'rejected' share no prefix to split the "
+                                      f"prompt at (neither a {HH_ASSISTANT!r} turn nor a common start followed by "
+                                      "two different responses)")
         return chosen[:cut], chosen[cut:], rejected[cut:]
     if prompt:
         chosen = chosen[len(prompt):] if chosen.startswith(prompt) else chosen
@@ -168,3 +175,102 @@ def truncate_pair(
         raise BadRow("identical_after_truncation", f"'chosen' and 'rejected' are identical in their first {room} "
                                                    "tokens (all that fits after the prompt)")
     return prompt_ids, chosen_ids, rejected_ids
+
+
+# ------------------------------------------------------------------------------------------- ranked rows
+def ranking_order(n: int, ranking=None, scores=None) -> list[int]:
+    """The indices of a row's `n` responses, best first (docs/math.md §15), from one of:
+
+    ranking: the response indices best first, a permutation of 0..n-1 ([2, 0, 1]: response 2 is best);
+    scores: one number per response, higher is better (UltraFeedback-style ratings); sorted descending.
+    Ties policy: a Plackett–Luce likelihood needs a strict order, and a tie says nothing about which of the tied
+    responses came first, so tied scores make the row a bad row ("tied_scores": an error, or dropped and counted
+    with data.on_bad_row=skip); they are never broken by position. A wrong length, a repeated or out-of-range index,
+    or a missing / non-numeric score is a bad row too ("bad_ranking").
+    """
+    if ranking is not None:
+        if not isinstance(ranking, (list, tuple)) or not all(isinstance(r, int) and not isinstance(r, bool)
+                                                             for r in ranking):
+            raise BadRow("bad_ranking", f"'ranking' must be a list of response indices (ints), got {ranking!r}")
+        if len(ranking) != n:
+            raise BadRow("bad_ranking", f"'ranking' has {len(ranking)} entries for {n} responses")
+        repeated = sorted({r for r in ranking if ranking.count(r) > 1})
+        if repeated:
+            raise BadRow("bad_ranking", f"'ranking' repeats response index(es) {repeated}: {list(ranking)}")
+        if sorted(ranking) != list(range(n)):
+            raise BadRow("bad_ranking", f"'ranking' must be a permutation of 0..{n - 1}, got {list(ranking)}")
+        return list(ranking)
+    if not isinstance(scores, (list, tuple)) or len(scores) != n:
+        got = f"{len(scores)} scores" if isinstance(scores, (list, tuple)) else repr(scores)
+        raise BadRow("bad_ranking", f"'scores' must hold one number per response ({n}), got {got}")
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s == s for s in scores):
+        raise BadRow("bad_ranking", f"'scores' must be numbers (no None / NaN), got {list(scores)}")
+    if len(set(scores)) != n:
+        tied = sorted({s for s in scores if list(scores).count(s) > 1})
+        raise BadRow("tied_scores", f"'scores' {list(scores)} tie at {tied}: a ranking needs a strict order "
+                                    "(tied rows are not broken by position)")
+    return sorted(range(n), key=lambda i: -scores[i])
+
+
+def ranked_row_texts(tokenizer, prompt, responses, prompt_column: str | None, ranking=None, scores=None
+                     ) -> tuple[str, list[str], bool]:
+    """One ranked row (`responses` list + `ranking` or `scores`) -> (prompt text, response texts best first, is_chat).
+
+    Each response may be a string or a message list, as `chosen` / `rejected` of a pair (`row_texts`: prompt
+    prefixes cut off, chat templates rendered); every pair (best, other) must give the same prompt text.
+    """
+    if not isinstance(responses, (list, tuple)) or len(responses) < 2:
+        raise BadRow("bad_responses", f"'responses' must be a list of >= 2 responses, got {type(responses).__name__}"
+                                      f"{f' of {len(responses)}' if isinstance(responses, (list, tuple)) else ''}")
+    order = ranking_order(len(responses), ranking, scores)
+    prompt_text, texts, is_chat = None, [], False
+    for j in order[1:]:
+        a = order[0]
+        try:
+            p, best, other, chat = row_texts(tokenizer, prompt, responses[a], responses[j], prompt_column)
+        except BadRow as bad:
+            raise BadRow(bad.reason, f"responses[{a}] (best) vs responses[{j}] as chosen / rejected: "
+                                     f"{bad.message}") from None
+        if prompt_text is not None and p != prompt_text:
+            raise BadRow("no_prompt", f"responses[{a}] and responses[{j}] do not share the prompt of the others")
+        prompt_text, is_chat = p, is_chat or chat
+        texts = texts or [best]
+        texts.append(other)
+    seen = {}
+    for j, text in zip(order, texts, strict=True):
+        if text in seen:
+            raise BadRow("chosen_equals_rejected", f"responses[{seen[text]}] and responses[{j}] are identical")
+        seen[text] = j
+    return prompt_text, texts, is_chat
+
+
+def truncate_ranked(prompt_ids: list[int], responses_ids: list[list[int]], max_length: int, max_prompt_length: int,
+                    keep_prefix: int = 0) -> tuple[list[int], list[list[int]]]:
+    """`truncate_pair` for m responses: the prompt as there, every response its first max_length − |prompt|
+    tokens; two responses identical after that cut make a bad row ("identical_after_truncation")."""
+    prompt_ids, _, _ = truncate_pair(prompt_ids, responses_ids[0], responses_ids[1], max_length,
+                                     max_prompt_length, keep_prefix)
+    room = max_length - len(prompt_ids)
+    out = [ids[:room] for ids in responses_ids]
+    if len({tuple(ids) for ids in out}) != len(out):
+        raise BadRow("identical_after_truncation", f"two ranked responses are identical in their first {room} tokens "
+                                                   "(all that fits after the prompt)")
+    return prompt_ids, out
+
+
+def item_texts(tok, row: dict, cols: dict) -> tuple[str, list[str], bool]:
+    """One row (role -> value) -> (prompt text, response texts in ranked order, is_chat): [chosen, rejected] of a
+    pair, or the m responses of a ranked row best first (docs/math.md §15). `cols`: role -> column name or None."""
+    if cols["responses"] is not None:
+        return ranked_row_texts(tok, row["prompt"], row["responses"], cols["prompt"], row["ranking"], row["scores"])
+    prompt, chosen, rejected, is_chat = row_texts(tok, row["prompt"], row["chosen"], row["rejected"], cols["prompt"])
+    return prompt, [chosen, rejected], is_chat
+
+
+def check_ranking_size(splits: list[list[dict]], label: str) -> None:
+    """Ranked data: every row (train and eval) ranks the same number m of responses (one m·B model batch)."""
+    sizes = [(len(ex["response_ids"]), ex["index"]) for split in splits for ex in split if "response_ids" in ex]
+    if sizes and any(m != sizes[0][0] for m, _ in sizes):
+        m, index = next((m, i) for m, i in sizes if m != sizes[0][0])
+        raise ValueError(f"{label} row {index}: ranks {m} responses, but row {sizes[0][1]} ranks {sizes[0][0]}; every "
+                         "row of ranked data must rank the same number of responses")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from mixdpo_ds.compat import hf_deepspeed_config_suspended
+from mixdpo_ds.compat import deepspeed_shm_comm_disabled, hf_deepspeed_config_suspended
 
 
 def shm_buffer_path() -> str:
@@ -45,6 +45,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     `timeout_s` bounds every collective: a rank that stops answering (a frozen or killed peer) makes the others
     fail with a timeout error after that many seconds instead of waiting forever. The process removes its own
     DeepSpeed shm all-reduce buffer at exit (DeepSpeed never does; a SIGKILLed process still leaves its file).
+    One process (WORLD_SIZE 1) does not build that shm op at all (`deepspeed_shm_comm_disabled`).
 
     Under srun (no launcher) SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give RANK / WORLD_SIZE / LOCAL_RANK
     (MASTER_ADDR / MASTER_PORT come from the sbatch script). Defaults for a plain `python ...` run: RANK=0,
@@ -70,7 +71,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     if backend is None:
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+    # One process never all-reduces through shared memory: skip DeepSpeed's JIT build of that op (docs/deepspeed.md
+    # §13). Several ranks build it once per machine (torch's extension cache, one rank compiles under a file lock).
+    single = os.environ["WORLD_SIZE"] == "1"
+    with deepspeed_shm_comm_disabled() if single else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     atexit.register(_remove_shm_buffer, shm_buffer_path())
 
 

@@ -6,11 +6,13 @@
 Reads the run's resolved `config.yaml` and its `export/` (experts + gate), so it needs nothing from
 training but the run directory and the base model (the reference). Writes one JSON line per pair:
 
-    {"index", "group", "resp": [K] posterior q, "w": [K] gate weights, "margins": [K] expert margins Δ_k,
+    {"index", "group", "user", "resp": [K] posterior q, "w": [K] gate weights, "margins": [K] expert margins Δ_k,
      "p_mixture": P(chosen ≻ rejected) = Σ_k w_k sigmoid(Δ_k), "expert": argmax_k resp}
 
-and the summary `OUT.summary.json` (a `.jsonl` suffix of OUT is replaced: eval.jsonl → eval.summary.json):
-accuracy (p_mixture > 0.5), per-expert accuracies (Δ_k > 0), per-group accuracies
+(plus `p_mixture_calibrated`, Σ_k w_k sigmoid(Δ_k / T_k), when the run has a `calibration.json` from
+`mixdpo calibrate`, docs/math.md §13.2) and the summary `OUT.summary.json` (a `.jsonl` suffix of OUT is replaced:
+eval.jsonl → eval.summary.json): accuracy (p_mixture > 0.5), `calibrated` (with a calibration: accuracy and ECE
+of p_mixture before / after T), per-expert accuracies (Δ_k > 0), per-group accuracies
 and, when the data has a group column, the best-permutation recovery accuracy of argmax resp: the share of
 pairs whose argmax-resp expert is the one matched to their group under the best one-to-one matching of
 experts to groups (exhaustive over permutations when max(K, #groups) ≤ 8; otherwise scipy's Hungarian
@@ -19,9 +21,10 @@ under-report; `method` in the summary says which).
 
 Checks: the run and its export must exist (an error names the missing directory); data.max_length must fit the
 model's positions; evaluation users the training data did not have are counted (`unknown_users` in the summary,
-and a warning when the gate routes by user: they take the gate's shared no-user row); pairs whose expert margins
-or gate weights are not finite (NaN / inf) make the evaluation fail with `NonFiniteError` after OUT and the
-summary (with `non_finite`) are written — their accuracy would read as a silent 0.
+and a warning when the gate routes by user id: they take the gate's shared no-user row; a gate on user features
+routes every user by the features of the evaluated file, docs/ARCHITECTURE.md "User features"); pairs whose
+expert margins or gate weights are not finite (NaN / inf) make the evaluation fail with `NonFiniteError` after OUT
+and the summary (with `non_finite`) are written — their accuracy would read as a silent 0.
 """
 from __future__ import annotations
 
@@ -33,11 +36,15 @@ from pathlib import Path
 import torch
 
 from mixdpo_ds.core.losses import mixdpo_loss
+from mixdpo_ds.core.personalize import decision_accuracy, expected_calibration_error, mixture_probability
 from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs, chosen_prompt_features, collate
+from mixdpo_ds.training.build import reference_paths
 from mixdpo_ds.training.config import load_config
 from mixdpo_ds.training.data import check_lengths, load_preference_data
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"  # `mixdpo calibrate`'s margin temperature (docs/math.md §13.2)
 
 
 class NonFiniteError(RuntimeError):
@@ -100,10 +107,21 @@ def _load_run(run_dir: Path, device: torch.device):
     return policy.to(device).eval(), (gate.to(device).eval() if gate is not None else None), meta or {}
 
 
+def _eval_user_features(gate, cfg, data_path: str) -> dict | None:
+    """{user: feature values} of the evaluated file when the gate routes by user features (None otherwise): every
+    user, seen in training or not, is routed by the features this file gives."""
+    if gate is None or not getattr(gate.cfg, "uses_user_features", False):
+        return None
+    from mixdpo_ds.training.user_features import feature_columns, read_user_features
+
+    return read_user_features(data_path, cfg.data.user_column, feature_columns(gate.cfg), cfg.data.split)
+
+
 @torch.no_grad()
-def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str | None = None, batch_size: int = 8,
-                 overrides: list[str] | None = None) -> dict:
-    """Write OUT (JSONL per pair) and OUT.summary.json; return the summary dict (plus `summary_path`)."""
+def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, batch_size: int = 8,
+                overrides: list[str] | None = None) -> dict:
+    """The per-pair rows of `evaluate_run` without writing anything: {"rows", "K", "group_names", "unknown_users",
+    "non_finite"}. Each row also has `user` (the data's user value, or None)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from mixdpo_ds.model.reference import FrozenReference
@@ -127,16 +145,20 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
     policy, gate, meta = _load_run(run, device)
     K = policy.num_experts
     ex = cfg.experts
-    ref_paths = ex.init_paths if ex.kind == "models" and ex.init_paths else cfg.model.name_or_path
-    reference = FrozenReference(ref_paths, logprob_impl=ex.logprob_impl, chunk_size=ex.chunk_size).to(device)
+    reference = FrozenReference(reference_paths(cfg), logprob_impl=ex.logprob_impl, chunk_size=ex.chunk_size).to(device)
     phase = cfg.em.schedule(cfg.loss.beta).at(1.0)  # the weights in force at the end of training
     beta = phase.beta if phase.beta is not None else cfg.loss.beta
 
     # The gate's user ids are the training data's; map this file's users through their names.
     train_users = (meta.get("user_vocab") or {})
     user_map = {i: train_users.get(name, -1) for name, i in data.user_vocab.items()}
+    user_names = {i: name for name, i in data.user_vocab.items()}
     unknown = [e for e in data.train if e["user"] >= 0 and user_map[e["user"]] < 0]
-    if unknown and gate is not None and getattr(gate.cfg, "uses_user", False):
+    by_features = _eval_user_features(gate, cfg, data_path)  # {user: features}, or None without user features
+    if unknown and by_features is not None:
+        log.info("evaluate: %d of %d pairs have a user the training data did not have; the gate routes them by "
+                 "their features (gate.user_features)", len(unknown), len(data.train))
+    elif unknown and gate is not None and getattr(gate.cfg, "uses_user", False):
         names = sorted({name for name, i in data.user_vocab.items() if user_map[i] < 0})
         log.warning("evaluate: %d of %d pairs have a user the training data did not have (%d users, e.g. %s); the "
                     "gate routes them by its shared no-user row", len(unknown), len(data.train), len(names),
@@ -151,7 +173,10 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
         ref = as_pairs(reference.logps(batch).to(device), B)  # (B, 2) or (B, 2, K)
         users = torch.tensor([user_map.get(int(u), -1) for u in batch["user_ids"]], device=device)
         feats = chosen_prompt_features(out, B)
-        log_w = gate(feats, users, batch_size=B) if gate is not None else torch.full((B, K), -torch.log(
+        encoded = None if by_features is None else gate.user_features.encode(
+            [by_features.get(user_names.get(int(u))) for u in batch["user_ids"]])
+        log_w = gate(feats, users, batch_size=B, **({"user_features": encoded} if encoded is not None else {})) \
+            if gate is not None else torch.full((B, K), -torch.log(
             torch.tensor(float(K))).item(), device=device)
         res = mixdpo_loss(as_pairs(out.logps, B), ref, log_w, beta, posterior_correction=cfg.em.posterior_correction,
                           estep=phase.estep, mode="exact")
@@ -162,19 +187,31 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
         for i in range(B):
             g = int(batch["group_ids"][i])
             rows.append({"index": int(batch["index"][i]), "group": group_names.get(g) if g >= 0 else None,
-                         "group_id": g, "resp": res.resp[i].tolist(), "w": w[i].tolist(),
+                         "group_id": g, "user": user_names.get(int(batch["user_ids"][i])),
+                         "resp": res.resp[i].tolist(), "w": w[i].tolist(),
                          "margins": res.margins[i].tolist(), "p_mixture": float(p_mix[i]),
                          "loglik": float(res.loglik[i]), "expert": int(res.resp[i].argmax())})
             non_finite["margins"] += int(bad_margin[i])
             non_finite["w"] += int(bad_w[i])
+    return {"rows": rows, "K": K, "group_names": group_names, "unknown_users": len(unknown),
+            "non_finite": non_finite}
 
+
+def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str | None = None, batch_size: int = 8,
+                 overrides: list[str] | None = None) -> dict:
+    """Write OUT (JSONL per pair) and OUT.summary.json; return the summary dict (plus `summary_path`)."""
+    scored = score_pairs(run_dir, data_path, group_column, batch_size, overrides)
+    rows, K, non_finite = scored["rows"], scored["K"], scored["non_finite"]
+    calibrated = add_calibrated(run_dir, rows) if not any(non_finite.values()) else None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    summary = summarize(rows, K, group_names)
-    summary["unknown_users"] = len(unknown)  # pairs whose user the training data did not have
+    summary = summarize(rows, K, scored["group_names"])
+    summary["unknown_users"] = scored["unknown_users"]  # pairs whose user the training data did not have
+    if calibrated is not None:
+        summary["calibrated"] = calibrated
     if any(non_finite.values()):
         summary["non_finite"] = non_finite
     summary_path = out_path.with_name(out_path.name + ".summary.json") if out_path.suffix != ".jsonl" else \
@@ -211,3 +248,30 @@ def summarize(rows: list[dict], K: int, group_names: dict[int, str]) -> dict:
         summary["recovery"] = rec
         summary["recovery_accuracy"] = rec["accuracy"]
     return summary
+
+
+def run_temperature(run_dir: str, temperature: str | float | list[float] = "run") -> list[float]:
+    """The temperature to use: "run" = DIR/calibration.json's (1 when the run has none), or the given value(s)."""
+    if temperature != "run":
+        return [float(temperature)] if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return [1.0]
+    return [float(t) for t in json.loads(path.read_text())["temperature"]]
+
+
+def add_calibrated(run_dir: str, rows: list[dict]) -> dict | None:
+    """With DIR/calibration.json: adds `p_mixture_calibrated` to every row and returns the accuracy and ECE of
+    p_mixture before and after T (None without a calibration, or without rows)."""
+    if not rows or not (Path(run_dir) / CALIBRATION_FILE).is_file():
+        return None
+    temp = run_temperature(run_dir)
+    w = torch.tensor([r["w"] for r in rows], dtype=torch.float64)
+    log_w, margins = w.clamp_min(1e-300).log(), torch.tensor([r["margins"] for r in rows], dtype=torch.float64)
+    p_raw = mixture_probability(log_w, margins)
+    p_cal = mixture_probability(log_w, margins, torch.tensor(temp, dtype=torch.float64))
+    for r, p in zip(rows, p_cal.tolist(), strict=True):
+        r["p_mixture_calibrated"] = p
+    return {"temperature": temp, "ece_before": expected_calibration_error(p_raw),
+            "ece_after": expected_calibration_error(p_cal), "accuracy_before": float(decision_accuracy(p_raw).mean()),
+            "accuracy_after": float(decision_accuracy(p_cal).mean())}

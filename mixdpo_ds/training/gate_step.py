@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mixdpo_ds.core.collapse import posterior_information
 from mixdpo_ds.core.losses import kl_to_uniform
 from mixdpo_ds.training.distributed import all_reduce_mean, differentiable_global_mean_rows, global_mean_rows
 
 log = logging.getLogger("mixdpo_ds")
 MODES = ("closed_form", "joint", "alternate", "frozen")
+TRUST_ITERATIONS = 8  # gate.trust_region: refinements of the step's scale (each one gate forward on the batch)
 
 
 @dataclass
@@ -84,8 +86,10 @@ class GateStep:
     """The gate, its optimizer and its once-per-optimizer-step update."""
 
     def __init__(self, gate, gate_kind: str, gate_update: str, refresh: bool, lr: float, lr_lambda, world: int,
-                 eps: float = 1e-8, hold_until: int = 0):
-        self.gate, self.world, self.hold_until = gate, world, hold_until
+                 eps: float = 1e-8, hold_until: int = 0, trust_region: float = 0.0,
+                 trust_max_scale: float = 1.0):
+        self.gate, self.world, self.hold_until, self.trust_region = gate, world, hold_until, trust_region
+        self.trust_max_scale = trust_max_scale
         params = list(gate.parameters())
         self.mode = gate_mode(gate_kind, gate_update, bool(params))
         self.refresh = self.mode == "alternate" or (self.mode == "closed_form" and refresh)
@@ -145,9 +149,47 @@ class GateStep:
             for p in self.gate.parameters():
                 if p.grad is not None:
                     p.grad.copy_(all_reduce_mean(p.grad))
-        self.optimizer.step()
+        metrics = {"gate_loss": (loss - res.policy_loss).detach()}
+        if self.trust_region > 0:
+            metrics.update(self._trust_region_step(log_w.detach(), res.margins.detach(), feats, users))
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"gate_loss": (loss - res.policy_loss).detach()}
+        return metrics
+
+    @torch.no_grad()
+    def _trust_region_step(self, log_w: Tensor, margins: Tensor, feats: Tensor | None, users: Tensor) -> dict:
+        """The optimizer's step, rescaled so the gate moves about ρ of the way to the posterior (docs/math.md §12):
+        mean_i KL(w_i^new ‖ w_i) ≤ ρ² · mean_i KL(q_i ‖ w_i) over the global batch, the step lengthened up to
+        `trust_max_scale` times when it falls short.
+
+        While the experts are alike q ≈ w, so the right side is ≈ 0 and the gate stays where it is, whatever its
+        learning rate: it cannot commit to an assignment the experts' likelihoods do not support. KL grows about as
+        the square of a small step, so the scale is refined as s ← s · sqrt(limit / KL(s)) (a few gate forwards;
+        every rank sees the same all-reduced KL, so every rank takes the same step).
+        """
+        params = list(self.gate.parameters())
+        old = [p.detach().clone() for p in params]
+        self.optimizer.step()
+        delta = [p.detach() - p0 for p, p0 in zip(params, old, strict=True)]
+        info = all_reduce_mean(posterior_information(log_w, margins).float())
+        limit = self.trust_region ** 2 * info
+
+        def step_kl(scale: float) -> Tensor:
+            for p, p0, d in zip(params, old, delta, strict=True):
+                p.copy_(p0 + scale * d)
+            new_log_w = self.log_w(feats, users.to(log_w.device), log_w.shape[0])
+            return all_reduce_mean((new_log_w.exp() * (new_log_w - log_w)).sum(-1).mean().float())
+
+        # A fixed number of refinements and no branch on the KL: nearby inputs (another batch split, another rank
+        # count: fp32 rounding) give nearby steps.
+        scale, kl = 1.0, step_kl(1.0)
+        for _ in range(TRUST_ITERATIONS):
+            scale = min(self.trust_max_scale, scale * float((limit / kl.clamp_min(1e-30)).sqrt()))
+            kl = step_kl(scale)
+        if kl > 1.5 * limit:  # did not converge: no gate step this time (the optimizer's moments still moved)
+            scale, kl = 0.0, step_kl(0.0)
+        return {"gate/information": info, "gate/step_kl": kl, "gate/step_scale": torch.tensor(scale)}
 
     def state_dict(self) -> dict:
         return {"gate": self.gate.state_dict(),

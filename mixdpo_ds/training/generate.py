@@ -10,9 +10,11 @@ Hugging Face model, decoded with `generate`. A `moe` gate reads the hidden state
 the last prompt token, as in training.
 
 A prompt longer than the model's positions minus --max-new-tokens keeps its last tokens (after the tokenizer's
-own prefix, e.g. BOS), as training truncates prompts, with a warning; an empty prompt is an error. A user-conditioned
-gate needs a --user of the training data (an unknown one is an error naming some known ids); without --user the
-pair is routed by the gate's shared no-user row.
+own prefix, e.g. BOS), as training truncates prompts, with a warning; an empty prompt is an error. A --user in the
+run's user-weight store (`mixdpo personalize`, DIR/user_weights.json) is routed with its personalised weights
+(docs/math.md §13.1), whatever the gate. Otherwise a user-conditioned gate needs a --user of the training data (an
+unknown one is an error naming some known ids); without --user the pair is routed by the gate's shared no-user row.
+A gate on user features (`gate.features=…user_features`) routes a new user from --user-features '{"column": value}'.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None) -> tuple[torch.Tensor, int]:
-    """(w (K,), K) for one prompt (1, T) from the exported gate (uniform when the export has none)."""
+def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None,
+                 user_features: dict | None = None) -> tuple[torch.Tensor, int]:
+    """(w (K,), K) for one prompt (1, T) from the exported gate (uniform when the export has none). A gate on user
+    features routes by `user_features` (column → value) when given, else by --user's row of the training users."""
     from mixdpo_ds.training.export import load_expert, load_export_gate
 
     gate, meta = load_export_gate(str(export))
@@ -39,9 +43,30 @@ def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None)
     if getattr(gate.cfg, "uses_prompt", False):
         trunk = load_expert(str(export), 0).base_model
         feats = trunk(input_ids=input_ids).last_hidden_state[:, -1].float()  # (1, H)
+    if user_features is not None and getattr(gate.cfg, "uses_user_features", False):
+        log_w = gate.eval()(feats, torch.tensor([-1]), batch_size=1,
+                            user_features=gate.user_features.encode([user_features]))  # (1, K)
+        return log_w[0].exp(), gate.num_experts
+    if user_features is not None:
+        log.warning("--user-features is ignored: the run's gate (gate.features=%s) does not route by user features",
+                    gate.cfg.features)
     user_id = _user_id(gate, meta, user)
     log_w = gate.eval()(feats, torch.tensor([user_id]), batch_size=1)  # (1, K)
     return log_w[0].exp(), gate.num_experts
+
+
+def stored_user_weights(run_dir: str, user: str | None) -> torch.Tensor | None:
+    """w (K,) of --user from the run's user-weight store (`mixdpo personalize`), or None when it has none."""
+    from mixdpo_ds.training.personalize import load_user_store
+
+    if user is None:
+        return None
+    entry = load_user_store(run_dir)["users"].get(str(user))
+    if entry is None:
+        return None
+    log.info("--user %r: routing with the personalised weights of the run's user store (%d pairs)", user,
+             entry.get("n_pairs", 0))
+    return torch.tensor(entry["w"], dtype=torch.float32)
 
 
 def _user_id(gate, meta: dict, user: str | None) -> int:
@@ -79,7 +104,7 @@ def fit_prompt(input_ids: list[int], positions: int | None, max_new_tokens: int,
 
 @torch.no_grad()
 def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = "sample", max_new_tokens: int = 32,
-             user: str | None = None, seed: int = 0, greedy: bool = False) -> dict:
+             user: str | None = None, seed: int = 0, greedy: bool = False, user_features: dict | None = None) -> dict:
     """Pick an expert (fixed, top-1 or sampled from w(x)) and decode `prompt` with it; returns a dict with
     `expert`, `route`, `w`, `completion`."""
     from transformers import AutoConfig, AutoTokenizer
@@ -100,7 +125,9 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
     found = model_positions(AutoConfig.from_pretrained(str(export / "expert_0")))
     ids = fit_prompt(list(ids), found[0] if found else None, max_new_tokens, keep_prefix=len(prefix))
     enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    w, K = gate_weights(export, enc["input_ids"], user)
+    stored = stored_user_weights(run_dir, user)
+    w, K = (stored, stored.shape[0]) if stored is not None else \
+        gate_weights(export, enc["input_ids"], user, user_features)
     gen = torch.Generator().manual_seed(seed)
     if expert is not None:
         if not 0 <= expert < K:

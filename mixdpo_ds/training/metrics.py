@@ -153,13 +153,17 @@ class CollapseWatch:
         while sum(p[0].shape[0] for p in self.parts[1:]) >= self.window:
             self.parts.pop(0)
 
-    def _cat(self):
+    def recent(self) -> list[torch.Tensor]:
+        """[margins (N, K), resp (N, K), w (N, K)] of the most recent N ≤ `window` pairs, fp32 on the CPU."""
         return [torch.cat([p[i] for p in self.parts])[-self.window:].float().cpu() for i in range(3)]
+
+    def reset(self) -> None:
+        self.parts = []
 
     def metrics(self) -> dict[str, float]:
         from mixdpo_ds.core.collapse import collapse_metrics
 
-        return collapse_metrics(*self._cat()) if self.parts else {}
+        return collapse_metrics(*self.recent()) if self.parts else {}
 
     def summary(self) -> str | None:
         """A warning line when a detector fires on the final window, else None."""
@@ -167,7 +171,7 @@ class CollapseWatch:
 
         if not self.parts:
             return None
-        report = collapse_report(*self._cat())
+        report = collapse_report(*self.recent())
         if not (report["merged"] or report["dead"] or report["saturated"]):
             return None
         return (f"mixture collapse in the last {min(self.window, sum(p[0].shape[0] for p in self.parts))} training "

@@ -20,6 +20,9 @@ HARMLESS = frozenset({
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_last", "train.resume_from",
     "train.progress_bar", "train.tensorboard", "train.plots", "train.export", "train.eval_batch_size",
     "train.reference_cache_dir", "train.output_dir", "train.dist_timeout_s", "train.nonfinite",
+    # trackers, hub upload and export form; activation checkpointing recomputes the same values; tokenising workers
+    "train.report_to", "train.run_name", "train.push_to_hub", "train.hub_model_id", "train.hub_private_repo",
+    "train.export_merged", "train.gradient_checkpointing", "data.num_proc",
 })
 
 

@@ -42,14 +42,18 @@ from mixdpo_ds.training.build import (
 )
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
-from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, lr_lambda, zero_stage_of
+from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.draws import row_positions, step_draws
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
 from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
+from mixdpo_ds.training.repair import SplitRepair, check_repairable
 from mixdpo_ds.training.resume import load_newest_intact
 from mixdpo_ds.training.run_dir import finished_step, mark_finished, take_lock
+from mixdpo_ds.training.schedule import lr_multiplier
+from mixdpo_ds.training.trackers import tracker_callbacks
+from mixdpo_ds.training.user_features import attach_user_features
 
 log = logging.getLogger("mixdpo_ds")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -60,7 +64,8 @@ class MixDPOTrainer:
 
     def __init__(self, cfg: RunConfig, callbacks=None):
         self.cfg = cfg
-        self.callbacks = CallbackList(callbacks)
+        self.callbacks = CallbackList([*(callbacks or []), *tracker_callbacks(cfg.train.report_to)])
+        self.stop_requested = False  # a callback may end training after the current step (HFCallback)
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro batches of this epoch already consumed
@@ -102,21 +107,26 @@ class MixDPOTrainer:
         self.K = policy.num_experts
         num_users = cfg.gate.num_users if cfg.gate.num_users is not None else len(self.data.user_vocab)
         gate = build_gate(cfg.gate, self.K, policy.config.hidden_size, num_users, seed=t.seed)
+        attach_user_features(gate, cfg, self.data.user_vocab)  # gate.user_features: the users' feature table
         self.reference, self.ref_tables = build_reference(cfg, policy, self.data, self.zero_stage, self.rank,
                                                           self._collate, self.out_dir, dtype)
         self.engine, self.optimizer, self.lr_scheduler = build_engine(policy, cfg, ds_config, self.total_steps)
         self.device = self.engine.device
         self.gate = gate.to(self.device)
         self.gate_step = GateStep(self.gate, cfg.gate.kind, em.gate_update, em.refresh, cfg.gate.lr,
-                                  lr_lambda(t.warmup_steps, self.total_steps, t.lr_schedule), self.world,
+                                  lr_multiplier(t, self.total_steps), self.world,
                                   eps=cfg.gate.adam_epsilon or t.adam_epsilon,
-                                  hold_until=em.warmup_random_steps + cfg.gate.hold_steps)
+                                  hold_until=em.warmup_random_steps + cfg.gate.hold_steps,
+                                  trust_region=cfg.gate.trust_region,
+                                  trust_max_scale=cfg.gate.trust_max_scale)
         self.schedule = em.schedule(cfg.loss.beta)
         self.cpu_gen = torch.Generator().manual_seed(t.seed + 1)  # Dirichlet warm-up
         self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise
         self._warn_config()
         self.guard, self.divergence = NonFiniteGuard(t.nonfinite, self.zero_stage, self.device), DivergenceWatch()
         self.collapse = CollapseWatch()
+        check_repairable(policy, em.split_every)
+        self.repair = SplitRepair(em.split_every, em.split_noise, em.split_max, em.warmup_random_steps, t.seed)
 
         resume = ckpt.resolve_resume(t.resume_from, self.out_dir)
         self.acc = MetricAccumulator()
@@ -190,7 +200,8 @@ class MixDPOTrainer:
                         posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
                         estep=phase.estep, lambda_global=lambda_global, resp=resp, mode=mode or em.mode,
                         gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(self.step, em),
-                        impl=self.cfg.loss.resolved_impl(self.device))
+                        impl=self.cfg.loss.resolved_impl(self.device) if policy_logps.shape[1] == 2 or
+                        self.cfg.loss.impl != "auto" else "naive")  # rankings: the PyTorch path (docs/math.md §15)
 
     def policy_objective(self, res: MixDPOOutput, batch: dict, policy_logps) -> tuple[torch.Tensor, dict]:
         """L_policy (+ α · RPO's responsibility-weighted chosen NLL) and its extra metrics."""
@@ -287,7 +298,7 @@ class MixDPOTrainer:
             return
         tokens, t0 = 0, time.perf_counter()
         self.engine.train()
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.stop_requested:
             record = self.em_step()
             tokens += sum(int(m.batch["attention_mask"].sum()) for m in record.micro)  # CPU tensors: no sync
             self.step += 1
@@ -298,6 +309,7 @@ class MixDPOTrainer:
             else:
                 self.acc.add(record.metrics)
                 self.collapse.add(record.cat("margins"), record.cat("resp"), record.cat("log_w").exp())
+                self.repair.maybe_split(self, self.step)  # em.split_every: re-seed dead / merged experts
             self.callbacks.on_step_end(self, self.step, record)
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -326,6 +338,8 @@ class MixDPOTrainer:
         metrics["epoch"] = self.epoch + self.batch_in_epoch / self.batches_per_epoch
         metrics["nonfinite/skipped_steps"] = self.guard.skipped
         metrics.update(self.collapse.metrics())
+        if self.repair.every:
+            metrics["repair/splits"] = float(self.repair.splits)
         self.divergence.update(self.step, metrics.get("loss", math.nan), metrics["learning_rate"])
         self.logger.log(self.step, metrics)
         self.callbacks.on_log(self, self.step, metrics)
@@ -359,7 +373,7 @@ class MixDPOTrainer:
         acc = self.acc
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "gate_step": self.gate_step.state_dict(),
+            "gate_step": self.gate_step.state_dict(), "repair_splits": self.repair.splits,
             "cpu_gen": self.cpu_gen.get_state(), "dev_gen": self.dev_gen.get_state(),
             "metrics_acc": (acc.names, acc.total, acc.count), "total_steps": self.total_steps,
             "run": self._run_identity(),  # the resolved config + world size (training/resume.py)
@@ -368,6 +382,7 @@ class MixDPOTrainer:
     def _load_state(self, state: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.gate_step.load_state_dict(state["gate_step"])
+        self.repair.splits = state.get("repair_splits", 0)
         self.cpu_gen.set_state(state["cpu_gen"])
         self.dev_gen.set_state(state["dev_gen"])
         self.acc.names, self.acc.total, self.acc.count = state["metrics_acc"]
@@ -383,6 +398,10 @@ class MixDPOTrainer:
         t = self.cfg.train
         if t.export:
             self.export()
+        if t.push_to_hub and t.export and self.rank == 0:  # training/hub.py
+            from mixdpo_ds.training.hub import push_export
+
+            push_export(self.out_dir / "export", t.hub_model_id or self.out_dir.name, private=t.hub_private_repo)
         if self.rank == 0 and t.plots:
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
         if self.rank == 0:
@@ -392,7 +411,7 @@ class MixDPOTrainer:
         from mixdpo_ds.training.export import export_from_engine
 
         return export_from_engine(self.engine.module, self.gate, self.out_dir / "export", self.tokenizer,
-                                  self.data.user_vocab, self.zero_stage, self.rank)
+                                  self.data.user_vocab, self.zero_stage, self.rank, cfg=self.cfg)
 
     def cleanup(self) -> None:
         if getattr(self, "logger", None) is not None:

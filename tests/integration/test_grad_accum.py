@@ -37,7 +37,13 @@ MODES = {
     "mix_refresh": {"gate.kind": "mix", "em.refresh": True},
     "moe_joint": {"gate.kind": "moe", "em.gate_update": "joint", "em.lambda_global": 0.5},
     "moe_alternate": {"gate.kind": "moe", "em.gate_update": "alternate", "em.lambda_global": 0.5},
+    "moe_trust_region": {"gate.kind": "moe", "em.gate_update": "joint", "gate.trust_region": 0.3},
 }
+# gate.trust_region (docs/math.md §12) scales each gate step by the information I of the step's posterior. With
+# experts still alike, I is a function of the differences between nearly equal expert margins, so fp32 rounding of
+# the margins (~1e-7) shows in the step's length at ~2% of it. The EM accounting is checked exactly with the
+# region off; with it on, to 5% of the gate's movement.
+TRUST_OFF = {"gate.trust_region": 0.0}
 
 
 def final_state(model_dir: str, data: str, out: Path, grad_accum: int, micro: int, mode: dict):
@@ -57,14 +63,17 @@ def final_state(model_dir: str, data: str, out: Path, grad_accum: int, micro: in
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_grad_accum_equals_one_big_micro_batch(tiny_gpt2_dir, prefs_jsonl, tmp_path, mode):
-    init, init_gate, big, big_gate = final_state(tiny_gpt2_dir, prefs_jsonl, tmp_path / "big", 1, 4, MODES[mode])
-    _, _, acc, acc_gate = final_state(tiny_gpt2_dir, prefs_jsonl, tmp_path / "acc", 2, 2, MODES[mode])
+    settings = {**TRUST_OFF, **MODES[mode]}
+    init, init_gate, big, big_gate = final_state(tiny_gpt2_dir, prefs_jsonl, tmp_path / "big", 1, 4, settings)
+    _, _, acc, acc_gate = final_state(tiny_gpt2_dir, prefs_jsonl, tmp_path / "acc", 2, 2, settings)
     # the runs trained: every trainable parameter (heads and trunk) and the gate moved
     assert all(not torch.equal(big[n], init[n]) for n in init), [n for n in init if torch.equal(big[n], init[n])]
     assert any(not torch.equal(big_gate[k], init_gate[k]) for k in init_gate)
     assert big.keys() == acc.keys() and big_gate.keys() == acc_gate.keys()
     for k in big_gate:
-        torch.testing.assert_close(acc_gate[k], big_gate[k], atol=1e-6, rtol=0, msg=f"gate {k}")
+        moved = float((big_gate[k] - init_gate[k]).abs().max())
+        atol = 5e-2 * moved if settings["gate.trust_region"] else 1e-6  # measured: 2% (of 3.7e-4)
+        torch.testing.assert_close(acc_gate[k], big_gate[k], atol=atol, rtol=0, msg=f"gate {k}")
     for n in big:
         torch.testing.assert_close(acc[n], big[n], atol=1e-6, rtol=0, msg=n)
 

@@ -18,6 +18,7 @@ from mixdpo_ds.model.experts import build_policy
 from mixdpo_ds.training.batch import MODEL_KEYS, collate
 from mixdpo_ds.training.config import load_config
 from mixdpo_ds.training.data import load_preference_data
+from mixdpo_ds.training.export import load_expert
 
 from .conftest import read_rows, train, train_rows
 
@@ -153,8 +154,8 @@ def test_other_modes_run(tiny_gpt2_dir, prefs_jsonl, tmp_path, variant):
         "experts.num_experts": 2, "experts.init_noise": 0.1, "train.max_steps": 3, "train.lr": 1e-2, **variant}))
     assert len(rows) == 3 and all(math.isfinite(r[name]) for r in rows for name in expected_names(2))
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
-    for k in range(2):
-        exported = load_file(tmp_path / "run" / "export" / f"expert_{k}" / "model.safetensors")
+    for k in range(2):  # load_expert: a lora expert is exported as an adapter, merged into the base here
+        exported = load_expert(str(tmp_path / "run" / "export"), k).state_dict()
         changed = [n for n, p in base.state_dict().items() if n in exported and not torch.equal(
             exported[n].float(), p.float())]
         assert changed, k
@@ -286,3 +287,27 @@ def test_gate_hold_steps_keep_the_moe_gate_until_the_experts_have_moved(tiny_gpt
     finally:
         trainer.cleanup()
     assert [torch.equal(s, start) for s in Snap.states] == [True, True, True, False, False]
+
+
+def test_a_forced_collapse_is_repaired_by_the_split(tiny_gpt2_dir, prefs_jsonl, tmp_path, caplog):
+    """The same forced collapse with em.split_every=4: at step 4 the detectors see the merged pair (0, 1), expert 1
+    is re-seeded from expert 0 with noise, and the two experts then differ; a healthy run is never split."""
+    common = {"experts.num_experts": 2, "train.max_steps": 10, "train.lr": 1e-2, "train.micro_batch_size": 8,
+              "loss.beta": 0.5, "train.export": False, "train.log_every": 1, "em.split_every": 4,
+              "em.split_noise": 0.5}
+    rows = train_rows(train(tiny_gpt2_dir, prefs_jsonl, tmp_path / "repaired", **common, **{"experts.init_noise": 0.0}))
+    splits = [r["repair/splits"] for r in rows]
+    assert splits == [0.0] * 3 + [1.0] * 7, splits  # one split, at step 4; none after (the pair is no longer merged)
+    assert "step 4: mixture collapse: expert 1 re-seeded by splitting expert 0" in caplog.text
+    before, after = rows[2]["collapse/max_margin_corr"], rows[-1]["collapse/max_margin_corr"]
+    assert before > 0.999 and after < 0.99, (before, after)
+    assert rows[-1]["collapse/merged_pairs"] == 0 and "mixture collapse in the last" not in caplog.text
+    healthy = train_rows(train(tiny_gpt2_dir, prefs_jsonl, tmp_path / "healthy", **common, **{
+        "experts.init_noise": 1.0, "em.warmup_random_steps": 3}))
+    assert healthy[-1]["repair/splits"] == 0.0
+
+
+def test_split_is_refused_where_it_is_not_implemented(tiny_gpt2_dir, prefs_jsonl, tmp_path):
+    with pytest.raises(ValueError, match="em.split_every > 0 needs experts.kind=heads"):
+        train(tiny_gpt2_dir, prefs_jsonl, tmp_path / "models", **{
+            "experts.kind": "models", "experts.num_experts": 2, "em.split_every": 4, "train.max_steps": 2})

@@ -252,3 +252,19 @@ def test_split_responsibility():
     # log space in, log space out (auto-detected, and explicit)
     assert torch.allclose(split_responsibility(w.log(), dead=2, source=0).exp(), want)
     assert torch.allclose(split_responsibility(w.log(), dead=2, source=0, log=True).exp(), want)
+
+
+def test_posterior_information_by_hand():
+    """w = (½, ½), σ(Δ) = (¾, ¼): q = (¾, ¼), KL(q ‖ w) = ¾ ln 1.5 + ¼ ln ½ = 0.130812; equal margins give 0."""
+    import math
+
+    import torch
+
+    from mixdpo_ds.core.collapse import posterior_information
+
+    log_w = torch.log(torch.tensor([[0.5, 0.5], [0.2, 0.8]], dtype=torch.float64))
+    m = math.log(3.0)
+    info = posterior_information(log_w[:1], torch.tensor([[m, -m]], dtype=torch.float64))
+    assert float(info) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-12)
+    assert float(posterior_information(log_w, torch.tensor([[2.0, 2.0], [-1.0, -1.0]]))) == pytest.approx(0, abs=1e-15)
+    assert float(posterior_information(log_w, torch.tensor([[m, -m], [0.0, 0.0]]))) == pytest.approx(float(info) / 2)

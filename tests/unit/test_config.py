@@ -98,7 +98,7 @@ def test_shipped_configs_load(name):
 
 @pytest.mark.parametrize("override, message", [
     ("train.micro_batch_size=abc", "train.micro_batch_size='abc': expected an integer (int), got str"),
-    ("train.lr=fast", "train.lr='fast': expected a finite number (float), got str"),
+    ("train.lr=fast", "train.lr='fast': expected a finite number (float) or null, got str"),
     ("experts.num_experts=2.5", "experts.num_experts=2.5: expected an integer (int), got float"),
     ("train.export=maybe", "train.export='maybe': expected a boolean (true or false), got str"),
     ("train.lr=.inf", "train.lr=inf: must be a finite number (float), not inf or nan"),

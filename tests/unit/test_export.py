@@ -54,7 +54,7 @@ def test_export_replaces_an_old_export_and_compact_needs_heads(tiny_gpt2_dir, ti
     export_experts(three, None, out, tiny_tokenizer)
     two = build_policy(tiny_gpt2_dir, ExpertsConfig(num_experts=2))
     export_experts(two, None, out, tiny_tokenizer)
-    assert sorted(os.listdir(out)) == ["expert_0", "expert_1", "export.json"]     # nothing left from the first
+    assert sorted(os.listdir(out)) == ["README.md", "expert_0", "expert_1", "export.json"]  # nothing from the first
     assert load_export_gate(out) == (None, None)
     models = build_policy(tiny_gpt2_dir, ExpertsConfig(kind="models", num_experts=2))
     with pytest.raises(ValueError, match="compact"):

@@ -22,3 +22,62 @@ def test_refresh_and_optimizer_settings():
     mix = build_gate(GateConfig(kind="mix"), num_experts=2, hidden_size=4)
     closed = GateStep(mix, "mix", "joint", refresh=True, lr=0.1, lr_lambda=lambda s: 1.0, world=1)
     assert closed.mode == "closed_form" and closed.refresh and not closed.by_gradient and closed.optimizer is None
+
+
+def _user_gate_step(rho: float, max_scale: float = 1.0, lr: float = 1.0):
+    import torch
+
+    torch.manual_seed(0)
+    gate = build_gate(GateConfig(kind="moe", features="user", w_min=0.0), num_experts=2, hidden_size=4, num_users=4)
+    step = GateStep(gate, "moe", "joint", refresh=False, lr=lr, lr_lambda=lambda s: 1.0, world=1,
+                    trust_region=rho, trust_max_scale=max_scale)
+    users = torch.tensor([0, 1, 2, 3])
+    log_w = step.log_w(None, users, 4, grad=True)
+    target = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+    (-(target * log_w).sum(-1).mean()).backward()
+    return step, users, log_w.detach()
+
+
+def test_trust_region_keeps_the_gate_while_the_experts_agree():
+    """Equal margins: q = w, no information, so even lr = 1 leaves every gate parameter exactly where it was."""
+    import torch
+
+    step, users, log_w = _user_gate_step(rho=0.5)
+    before = {k: v.clone() for k, v in step.gate.state_dict().items()}
+    out = step._trust_region_step(log_w, torch.full((4, 2), 0.7), None, users)
+    assert float(out["gate/information"]) == 0.0 and float(out["gate/step_scale"]) == 0.0
+    assert all(torch.equal(before[k], v) for k, v in step.gate.state_dict().items())
+
+
+def test_trust_region_bounds_the_step_by_the_posterior():
+    """Margins ±ln 3 give q = (0.75, 0.25) or (0.25, 0.75) from w = (½, ½): information = 0.130812 nats per pair
+    (0.75 ln 1.5 + 0.25 ln 0.5); the lr = 1 step is shrunk until mean KL(w_new ‖ w) ≈ ρ² · 0.130812."""
+    import math
+
+    import torch
+
+    step, users, log_w = _user_gate_step(rho=0.5)
+    m = math.log(3.0)
+    margins = torch.tensor([[m, -m], [m, -m], [-m, m], [-m, m]])
+    out = step._trust_region_step(log_w, margins, None, users)
+    assert float(out["gate/information"]) == pytest.approx(0.130812, abs=1e-5)
+    assert 0 < float(out["gate/step_scale"]) < 1
+    new = step.log_w(None, users, 4)
+    kl = float((new.exp() * (new - log_w)).sum(-1).mean())
+    assert kl == pytest.approx(0.25 * 0.130812, rel=0.1)
+
+
+def test_trust_region_lengthens_a_short_step_up_to_its_cap():
+    import math
+
+    import torch
+
+    m = math.log(3.0)
+    margins = torch.tensor([[m, -m], [m, -m], [-m, m], [-m, m]])
+    short, users, log_w = _user_gate_step(rho=0.5, max_scale=1.0, lr=1e-4)
+    grown, _, _ = _user_gate_step(rho=0.5, max_scale=1e6, lr=1e-4)
+    assert float(short._trust_region_step(log_w, margins, None, users)["gate/step_scale"]) == 1.0
+    scale = float(grown._trust_region_step(log_w, margins, None, users)["gate/step_scale"])
+    assert 1.0 < scale < 1e6
+    new = grown.log_w(None, users, 4)
+    assert float((new.exp() * (new - log_w)).sum(-1).mean()) == pytest.approx(0.25 * 0.130812, rel=0.25)

@@ -46,7 +46,7 @@ def test_collapse_watch_keeps_a_window_of_recent_pairs():
     for _ in range(4):  # 4 steps of 4 pairs: the oldest step drops out once 10 newer pairs are held
         m = torch.randn(4, 1, generator=g)
         watch.add(torch.cat([m, m], 1), torch.full((4, 2), 0.5), torch.full((4, 2), 0.5))
-    assert sum(p[0].shape[0] for p in watch.parts) == 12 and watch._cat()[0].shape == (10, 2)
+    assert sum(p[0].shape[0] for p in watch.parts) == 12 and watch.recent()[0].shape == (10, 2)
     metrics = watch.metrics()
     assert metrics["collapse/merged_pairs"] == 1.0 and metrics["collapse/max_margin_corr"] == pytest.approx(1.0)
     assert "merged experts [(0, 1)]" in watch.summary()

@@ -1,4 +1,4 @@
-"""K expert policies with one forward that returns their sequence log-probs (SPEC §2, paper App. B).
+"""K expert policies with one forward that returns their sequence log-probs (docs/math.md §1, paper App. B).
 
 Three kinds behind one `MixturePolicy.forward(input_ids, attention_mask, labels, prompt_last_index)`:
 
@@ -10,7 +10,7 @@ Three kinds behind one `MixturePolicy.forward(input_ids, attention_mask, labels,
 - `lora`   (B.3 hybrid, beyond the paper): K `peft` LoRA adapters on one frozen base.
 
 Every kind ends in `sequence_logps`, which runs the kernel `expert_logprobs` on response tokens only:
-lp_k(row) = Σ_{t: labels[t+1] != -100} log softmax(heads_k · h_t)[labels[t+1]]   (SPEC §1 `policy_logps`).
+lp_k(row) = Σ_{t: labels[t+1] != -100} log softmax(heads_k · h_t)[labels[t+1]]   (docs/math.md §1 `policy_logps`).
 
 Batch layout (docs/ARCHITECTURE.md): rows 0..B-1 chosen, B..2B-1 rejected, right padding; labels are
 -100 on prompt and padding, so padded positions never enter a sum (causal attention keeps real tokens
@@ -50,10 +50,10 @@ class ExpertsConfig:
     kind: str = field(default="heads", metadata={"help": "heads (Case 1) | models (Case 2) | lora (K adapters)"})
     num_experts: int = field(default=3, metadata={"help": "K, the number of experts"})
     init_noise: float | None = field(default=None, metadata={
-        "help": "None: 0.05 when num_experts > 1 (symmetry must be broken: SPEC §1), else 0. Otherwise the std "
+        "help": "None: 0.05 when num_experts > 1 (symmetry must be broken: docs/math.md §8), else 0. Otherwise the std "
                 "of the Gaussian noise added to each expert copy, relative to the std of the weight it is added "
                 "to: heads: the base head; models: every weight matrix (ndim >= 2); lora: each lora_B gets noise "
-                "relative to its base layer's weight std. 0 keeps the copies identical (symmetry: SPEC §1)"})
+                "relative to its base layer's weight std. 0 keeps the copies identical (symmetry: docs/math.md §8)"})
     trunk: str = field(default="frozen", metadata={
         "help": "heads only: frozen (no grad, eval mode, run under no_grad; low-capacity experts specialise) | "
                 "trainable"})

@@ -1,4 +1,4 @@
-"""Preference data (SPEC §4): load, check, tokenise, split, batch and collate.
+"""Preference data (docs/ARCHITECTURE.md, "Data"): load, check, tokenise, split, batch and collate.
 
     cfg = DataConfig(path="tests/data/hh_rlhf_relabeled_sample.jsonl", group_column="objective", eval_fraction=0.1)
     data = load_preference_data(cfg, tokenizer)        # PreferenceData(train, eval, skipped, vocabs, fingerprint)

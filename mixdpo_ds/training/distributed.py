@@ -130,7 +130,7 @@ def global_mean_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """Mean over the rows of the global batch: x (B_r, ...) on each rank -> (...) = Σ_r Σ_i x_ri / Σ_r B_r.
 
     Exact also for unequal shards (sum and count are reduced separately). Used for the Mix-DPO closed
-    form w ← normalise((1−ρ) w + ρ · mean_i q_i) (SPEC §1, D.4) with q = resp (B_r, K): pass
+    form w ← normalise((1−ρ) w + ρ · mean_i q_i) (docs/math.md §5, D.4) with q = resp (B_r, K): pass
     `global_mean_rows(resp)` where a 1-rank run would use `resp.mean(0)`.
     """
     x = x.detach()
@@ -158,7 +158,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 def differentiable_global_mean_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """Like `global_mean_rows` but differentiable, for batch-level terms inside the loss such as
-    λ_global · KL(w̄ ‖ U) with w̄ = mean_i w_i (SPEC §1, E.1).
+    λ_global · KL(w̄ ‖ U) with w̄ = mean_i w_i (docs/math.md §7, E.1).
 
     Each rank adds the same term to its local loss; DeepSpeed divides the summed gradients by P, and the
     backward here sums the P identical upstream grads, so the update equals the 1-rank global-batch one.

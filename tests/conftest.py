@@ -19,6 +19,22 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 from mixdpo_ds.apps.tiny import build_tiny_model, build_tiny_tokenizer
 
 TEST_DATA = Path(__file__).parent / "data"
+SHM_BUFFERS = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_shm_buffers_made_by_the_tests():
+    """A process removes its own DeepSpeed CPU all-reduce buffer (69 MB) at exit, but one a test SIGKILLs, or one
+    that dies in a collective's timeout, cannot: after the session every buffer that appeared during it goes."""
+    import glob
+
+    before = set(glob.glob(SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(SHM_BUFFERS)) - before:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 @pytest.fixture(scope="session")

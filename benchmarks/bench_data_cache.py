@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(f"\n\n### Cached Dataset.map tokenisation — {now}\n\n- machine: {start_machine}\n"
                     f"- commit: {commit()}\n- command: `{command}`\n\n{args.rows} rows, tiny byte-level tokenizer, "
                     f"max_length 128; {args.repeats} repeats, fresh data each, order rotated.\n\n{table}\n\n"
-                    f"{summary}. The CPU was shared with other engineers' jobs.\n")
+                    f"{summary}. Load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.\n")
 
 
 if __name__ == "__main__":

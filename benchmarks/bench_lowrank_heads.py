@@ -113,7 +113,8 @@ def speed(args) -> list[str]:
     head = (f"GPT-2 4 × 256 (random init), V = {args.vocab}, frozen trunk, 8 pairs × 128 tokens (N = 1,024 response "
             f"tokens), fp32, one process, 2 torch threads; policy forward + Mix-DPO loss + backward + AdamW "
             f"(foreach); {args.steps} timed steps after 2 warm-up per process, {args.rounds} interleaved rounds; "
-            f"whole command {time.perf_counter() - t_start:.0f} s. The CPU was shared with other engineers' jobs.")
+            f"whole command {time.perf_counter() - t_start:.0f} s. Load average at the end "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     return [head, "", *lines]
 
 
@@ -142,7 +143,8 @@ def specialise(args) -> list[str]:
         table = ab.run_ablation("head_rank", cfg, args.seeds, root, tokenizer, bases)
     head = (f"The demo's multi-reward task ({args.seeds} seed(s), mean ± sd; frozen SFT trunk of width {cfg.n_embd}, "
             f"{cfg.steps} steps × {cfg.batch_size} pairs, lr {cfg.lr}, β {cfg.beta}, init_noise {cfg.init_noise}); "
-            f"total {time.perf_counter() - t0:.0f} s. The CPU was shared with other engineers' jobs.")
+            f"total {time.perf_counter() - t0:.0f} s. Load average at the end "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     return [head, "", *table]
 
 

@@ -180,8 +180,8 @@ def main(argv=None) -> int:
         f"- machine: {_machine('cpu')}", f"- commit: {_commit()}", f"- command: `{cmd}`",
         f"- GPT-2 4 × 256 (random init), V = {a.vocab}, {PAIRS} pairs/step, rows ≤ {MAX_LENGTH} tokens, fp32, one "
         f"process, 2 torch threads; {a.steps} steps per run (2 warm-up), {a.rounds} interleaved rounds; tokens/s "
-        f"counts {tokens} tokens a step; whole benchmark {time.perf_counter() - t_start:.0f} s. The CPU was shared "
-        "with other engineers' jobs.", "", *lines])
+        f"counts {tokens} tokens a step; whole benchmark {time.perf_counter() - t_start:.0f} s; load average at the "
+        f"end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "", *lines])
     print(text)
     if a.append:
         with open(a.append, "a") as f:

@@ -29,7 +29,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from multiprocessing import get_context
 
 import numpy as np
 import torch
+from bench_scaling import commit
 
 from mixdpo_ds.apps.datasets.ceilings import bayes_ceilings, chosen_probabilities
 from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_task
@@ -48,19 +48,6 @@ from mixdpo_ds.apps.report import fmt
 SHOTS = (0, 1, 3, 5, 10, 20)
 # name → (per_expert, by_user) of `calibration_report`: the per-pair mixture likelihood, the per-user evidence
 CALIBRATIONS = {"pair": (False, False), "user": (False, True), "user_per_expert": (True, True)}
-
-
-def commit() -> str:
-    """`git rev-parse --short HEAD`, plus " + uncommitted changes" when the tree is dirty."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=here).stdout.strip() or "uncommitted"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=here).stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + (" + uncommitted changes" if dirty else "")
 
 
 def bayes_rows(rows: list[dict], rcfg: ReviewsConfig, prior: list[float]) -> list[dict]:

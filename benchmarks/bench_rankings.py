@@ -23,13 +23,13 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from bench_scaling import commit
 
 from mixdpo_ds.apps.datasets.rankings import GROUPS, RankedReviewsConfig, write_ranked_task
 from mixdpo_ds.apps.datasets.reviews import read_jsonl
@@ -39,20 +39,6 @@ from mixdpo_ds.apps.report import fmt
 from mixdpo_ds.apps.sft import SFTConfig, build_tiny_base
 
 K = 3
-
-
-def _commit() -> str:
-    """HEAD's short hash, with "+ uncommitted changes" when the tree differs from it (the numbers are then of the
-    working tree, not of that commit)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=here).stdout.strip() or "uncommitted"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=here).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head} + uncommitted changes" if dirty else head
 
 
 def train(cfg: DemoConfig, base: str, train_path: str, run_dir: str, seed: int) -> None:
@@ -144,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/bench_rankings.py " + " ".join(sys.argv[1:] if argv is None else argv)
     head = [f"### Rankings vs pairs: recovery of three pairwise-conflicting groups ({a.seeds} seed(s))", "",
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, "
-            f"torch {torch.__version__}, 1 thread); commit {_commit()}; date "
+            f"torch {torch.__version__}, 1 thread); commit {commit()}; date "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; command `{cmd}`; data "
             f"`mixdpo_ds.apps.datasets.rankings` ({a.items} training items, {a.test} held-out, every pair split 2-vs-1 "
             f"by the rules); K = {K} heads on a frozen SFT trunk ({a.sft_steps} SFT steps), Mix-DPO gate, exact EM, "

@@ -32,7 +32,7 @@ from multiprocessing import get_context
 
 import numpy as np
 import torch
-from bench_few_shot import commit
+from bench_scaling import commit
 
 from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_jsonl, write_task
 from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer

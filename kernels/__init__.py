@@ -153,6 +153,9 @@ def _check_lowrank_inputs(hidden, base, up, down, targets, bias) -> None:
                          f"{tuple(targets.shape)}")
 
 
+LOWRANK_IMPLS = ("naive", "chunked")
+
+
 def lowrank_logprobs(
     hidden: torch.Tensor, base: torch.Tensor, up: torch.Tensor, down: torch.Tensor, targets: torch.Tensor,
     bias: torch.Tensor | None = None, include_base: bool = False, impl: str = "chunked", chunk_size: int | None = None,
@@ -166,18 +169,19 @@ def lowrank_logprobs(
         base: (V, H) the shared head W (frozen or trained); up: (K, V, r) A_k; down: (K, r, H) B_k.
         targets: (N,) long next-token ids or -100; bias: (K, V) per-expert logit bias or None.
         include_base: append column K, the base head's own log-probs (the reference of a frozen trunk).
-        impl: "naive" | "chunked" (the shared tile is computed once per vocabulary block). "triton" is not
-            implemented for low-rank heads yet and raises.
+        impl: "naive" | "chunked" (the shared tile is computed once per vocabulary block); there is no Triton
+            kernel for low-rank heads.
         chunk_size: tokens per logits tile (chunked).
     Returns:
         (N, K) or (N, K + 1) fp32 (fp64 for fp64 inputs); gradients reach every floating input in its dtype.
     """
     _check_lowrank_inputs(hidden, base, up, down, targets, bias)
-    if _check_impl(impl) == "naive":
-        return lowrank_logprobs_naive(hidden, base, up, down, targets, bias, include_base, chunk_size)
-    if impl == "chunked":
-        return lowrank_logprobs_chunked(hidden, base, up, down, targets, bias, include_base, chunk_size)
-    raise NotImplementedError("lowrank_logprobs: impl='triton' is not implemented for low-rank heads; use 'chunked'")
+    # No Triton kernel for low-rank heads (experts.head_rank refuses logprob_impl=triton at config time): the
+    # chunked path already computes the shared tile once per vocabulary block.
+    if impl not in LOWRANK_IMPLS:
+        raise ValueError(f"lowrank_logprobs: impl={impl!r}: allowed {LOWRANK_IMPLS}")
+    fn = lowrank_logprobs_naive if impl == "naive" else lowrank_logprobs_chunked
+    return fn(hidden, base, up, down, targets, bias, include_base, chunk_size)
 
 
 def mbt_loss(*args, impl: str = "naive", **kwargs):

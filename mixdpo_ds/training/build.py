@@ -179,3 +179,14 @@ def pretrain_gate_on_labels(cfg, engine, gate, examples: list[dict], collate, K:
                         user_ids=torch.cat(users), seed=cfg.train.seed)
     log.info("gate pre-training on %r: accuracy %.3f", col, acc)
     return acc
+
+
+def warn_identical_experts(cfg, K: int) -> None:
+    """Warn when K > 1 experts start identical and nothing will ever break their symmetry (docs/math.md §8)."""
+    em, ex = cfg.em, cfg.experts
+    distinct_init = ex.kind == "models" and ex.init_paths and len(set(ex.init_paths)) > 1
+    if K > 1 and ex.init_noise == 0 and em.warmup_random_steps == 0 and not distinct_init \
+            and em.mode == "exact" and ex.kind != "lora":
+        log.warning("K=%d identical experts with experts.init_noise=0 and em.warmup_random_steps=0: under a "
+                    "uniform gate they get identical updates forever (symmetry never breaks). Set "
+                    "experts.init_noise > 0 and/or em.warmup_random_steps > 0.", K)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +113,3 @@ def build_deepspeed_config(
 def zero_stage_of(ds: dict) -> int:
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
-
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
-    """Multiplier of the base lr at optimizer step s: linear warm-up, then constant / linear / cosine to 0."""
-    def fn(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-    return fn

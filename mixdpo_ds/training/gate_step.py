@@ -175,21 +175,24 @@ class GateStep:
         info = all_reduce_mean(posterior_information(log_w, margins).float())
         limit = self.trust_region ** 2 * info
 
-        def step_kl(scale: float) -> Tensor:
+        def step_kl(scale: Tensor) -> Tensor:
             for p, p0, d in zip(params, old, delta, strict=True):
-                p.copy_(p0 + scale * d)
+                p.copy_(p0 + scale.to(p.dtype) * d)
             new_log_w = self.log_w(feats, users.to(log_w.device), log_w.shape[0])
             return all_reduce_mean((new_log_w.exp() * (new_log_w - log_w)).sum(-1).mean().float())
 
-        # A fixed number of refinements and no branch on the KL: nearby inputs (another batch split, another rank
-        # count: fp32 rounding) give nearby steps.
-        scale, kl = 1.0, step_kl(1.0)
+        # A fixed number of refinements, no branch on the KL and no host sync: nearby inputs (another batch split,
+        # another rank count: fp32 rounding) give nearby steps.
+        cap = torch.tensor(self.trust_max_scale, device=info.device)
+        scale = torch.ones((), device=info.device)
+        kl = step_kl(scale)
         for _ in range(TRUST_ITERATIONS):
-            scale = min(self.trust_max_scale, scale * float((limit / kl.clamp_min(1e-30)).sqrt()))
+            scale = torch.minimum(cap, scale * (limit / kl.clamp_min(1e-30)).sqrt())
             kl = step_kl(scale)
-        if kl > 1.5 * limit:  # did not converge: no gate step this time (the optimizer's moments still moved)
-            scale, kl = 0.0, step_kl(0.0)
-        return {"gate/information": info, "gate/step_kl": kl, "gate/step_scale": torch.tensor(scale)}
+        # did not converge: no gate step this time (the optimizer's moments still moved)
+        scale = torch.where(kl > 1.5 * limit, torch.zeros_like(scale), scale)
+        kl = step_kl(scale)
+        return {"gate/information": info, "gate/step_kl": kl, "gate/step_scale": scale}
 
     def state_dict(self) -> dict:
         return {"gate": self.gate.state_dict(),

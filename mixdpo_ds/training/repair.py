@@ -108,11 +108,13 @@ def _split_gate(gate, gate_optimizer, dead: int, source: int) -> None:
 
 
 class SplitRepair:
-    """The trainer's repair: `maybe_split(step)` after each optimizer step; `splits` is saved in the trainer state."""
+    """The trainer's repair (`em.split_*`): `maybe_split(trainer, step)` after each optimizer step; `splits` is saved
+    in the trainer state. Checks are made after the random warm-up (`em.warmup_random_steps`)."""
 
-    def __init__(self, split_every: int, noise: float, max_splits: int, start_step: int, seed: int):
-        self.every, self.noise, self.max_splits = split_every, noise, max_splits
-        self.start, self.seed, self.splits = start_step, seed, 0
+    def __init__(self, policy, em, seed: int):
+        check_repairable(policy, em.split_every)
+        self.every, self.noise, self.max_splits = em.split_every, em.split_noise, em.split_max
+        self.start, self.seed, self.splits = em.warmup_random_steps, seed, 0
 
     def due(self, step: int) -> bool:
         return bool(self.every) and self.splits < self.max_splits and step > self.start and step % self.every == 0

@@ -39,6 +39,7 @@ from mixdpo_ds.training.build import (
     load_checked_data,
     pretrain_gate_on_labels,
     skippable_adamw,
+    warn_identical_experts,
 )
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
@@ -48,7 +49,7 @@ from mixdpo_ds.training.draws import row_positions, step_draws
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
 from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
-from mixdpo_ds.training.repair import SplitRepair, check_repairable
+from mixdpo_ds.training.repair import SplitRepair
 from mixdpo_ds.training.resume import load_newest_intact
 from mixdpo_ds.training.run_dir import finished_step, mark_finished, take_lock
 from mixdpo_ds.training.schedule import lr_multiplier
@@ -122,11 +123,10 @@ class MixDPOTrainer:
         self.schedule = em.schedule(cfg.loss.beta)
         self.cpu_gen = torch.Generator().manual_seed(t.seed + 1)  # Dirichlet warm-up
         self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise
-        self._warn_config()
+        warn_identical_experts(cfg, self.K)
         self.guard, self.divergence = NonFiniteGuard(t.nonfinite, self.zero_stage, self.device), DivergenceWatch()
         self.collapse = CollapseWatch()
-        check_repairable(policy, em.split_every)
-        self.repair = SplitRepair(em.split_every, em.split_noise, em.split_max, em.warmup_random_steps, t.seed)
+        self.repair = SplitRepair(policy, em, t.seed)
 
         resume = ckpt.resolve_resume(t.resume_from, self.out_dir)
         self.acc = MetricAccumulator()
@@ -144,15 +144,6 @@ class MixDPOTrainer:
     def _run_identity(self) -> dict:
         """What a resumed run must share with its checkpoint (training/resume.py)."""
         return {**self.cfg.to_dict(), "world_size": self.world}
-
-    def _warn_config(self) -> None:
-        em, ex = self.cfg.em, self.cfg.experts
-        distinct_init = ex.kind == "models" and ex.init_paths and len(set(ex.init_paths)) > 1
-        if self.K > 1 and ex.init_noise == 0 and em.warmup_random_steps == 0 and not distinct_init \
-                and em.mode == "exact" and ex.kind != "lora":
-            log.warning("K=%d identical experts with experts.init_noise=0 and em.warmup_random_steps=0: under a "
-                        "uniform gate they get identical updates forever (symmetry never breaks). Set "
-                        "experts.init_noise > 0 and/or em.warmup_random_steps > 0.", self.K)
 
     def _collate(self, examples: list[dict]) -> dict:
         return collate(examples, self.tokenizer.pad_token_id)

@@ -121,5 +121,5 @@ def test_input_checks():
         lowrank_logprobs(t["hidden"], t["base"], t["up"][:, :5], t["down"], targets)
     with pytest.raises(ValueError, match="targets must be a long tensor"):
         lowrank_logprobs(t["hidden"], t["base"], t["up"], t["down"], targets.int())
-    with pytest.raises(NotImplementedError, match="triton"):
+    with pytest.raises(ValueError, match="impl=.triton.: allowed"):
         lowrank_logprobs(t["hidden"], t["base"], t["up"], t["down"], targets, impl="triton")

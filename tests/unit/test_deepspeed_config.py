@@ -62,13 +62,3 @@ def test_shipped_engine_configs(name):
 def test_unknown_engine_config_lists_available():
     with pytest.raises(FileNotFoundError, match=r"available: \[.*'zero2'"):
         resolve_engine_path("zero9")
-
-
-def test_lr_lambda_hand_values():
-    """warm-up 2 of 10 steps: s=0 → 1/3, s=1 → 2/3; linear: s=2 → 1, s=6 → 1 − 4/8 = 0.5, s=10 → 0;
-    cosine at s=6: 0.5 (1 + cos(π/2)) = 0.5; constant stays 1."""
-    from mixdpo_ds.training.deepspeed_config import lr_lambda
-
-    lin, cos, const = (lr_lambda(2, 10, s) for s in ("linear", "cosine", "constant"))
-    assert [lin(0), lin(1), lin(2), lin(6), lin(10)] == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5, 0.0])
-    assert cos(6) == pytest.approx(0.5) and cos(2) == pytest.approx(1.0) and const(9) == 1.0

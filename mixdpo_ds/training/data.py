@@ -30,7 +30,14 @@ import numpy as np
 from mixdpo_ds.compat import dataset_fingerprint
 from mixdpo_ds.training.data_cache import tokenise_cached
 from mixdpo_ds.training.data_files import is_saved_dataset, load_local, load_saved, looks_local
-from mixdpo_ds.training.data_rows import BadRow, check_ranking_size, item_texts, truncate_pair, truncate_ranked
+from mixdpo_ds.training.data_rows import (
+    BadRow,
+    Encoder,
+    check_ranking_size,
+    item_texts,
+    truncate_pair,
+    truncate_ranked,
+)
 
 _FORMAT_VERSION = 1  # bump when tokenisation rules change: invalidates reference-logp caches
 _CHUNK = 512
@@ -236,38 +243,8 @@ def _vocab(values) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ tokenising
-class _Encoder:
-    """Batched tokenisation with the tokenizer's own special prefix (e.g. BOS) kept on the prompt."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        at = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
-        self.prefix = list(with_special[:at])  # BOS for Llama-style tokenizers, [] for GPT-2
-        self.eos = tokenizer.eos_token_id
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        # verbose=False: we truncate ourselves, the "longer than model_max_length" warning does not apply
-        out = self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-        return [list(ids) for ids in out]
-
-    def prompts(self, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
-        # A rendered chat template already carries its BOS as text.
-        return [ids if chat else self.prefix + ids for ids, chat in zip(self.encode(texts), is_chat, strict=True)]
-
-    def responses(self, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
-        # Chat templates end a turn themselves (often with EOS): add EOS only if the template did not.
-        out = self.encode(texts)
-        if self.eos is not None:
-            for ids, chat in zip(out, is_chat, strict=True):
-                if not (chat and self.eos in ids) and (not ids or ids[-1] != self.eos):
-                    ids.append(self.eos)
-        return out
-
-
-def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder, label: str,
-                   vocabs: dict[str, dict[str, int]], skipped: Counter, origin=None) -> list[dict]:
+def _tokenise_rows(ds, cols, cfg: DataConfig, enc: Encoder, label: str, vocabs: dict[str, dict[str, int]], origin,
+                   indices: list[int], skipped: Counter) -> list[dict]:
     """Rows `indices` of `ds` → tokenised examples; bad rows raise ValueError or are counted in `skipped`.
     `origin(index)` names the file and row of a multi-file source in messages."""
     used = [c for c in cols.values() if c is not None]
@@ -313,10 +290,6 @@ def _tokenise_rows(ds, indices: list[int], cols, cfg: DataConfig, enc: _Encoder,
     return examples
 
 
-def _tokenise_split(ds, cols, cfg, enc, label, vocabs, origin, indices, skipped):
-    return _tokenise_rows(ds, indices, cols, cfg, enc, label, vocabs, skipped, origin)
-
-
 def _bad(bad: BadRow, label: str, index: int, cfg: DataConfig, skipped: Counter, origin=None) -> None:
     if cfg.on_bad_row == "error":
         where = origin(index) if origin is not None else None
@@ -356,11 +329,11 @@ def load_preference_data(cfg: DataConfig, tokenizer) -> PreferenceData:
     for role in ("user", "group"):
         values = [v for d, _, c, _, _ in sources if c[role] is not None for v in d[c[role]]]
         vocabs[role] = _vocab(values)
-    enc = _Encoder(tokenizer)
+    enc = Encoder(tokenizer)
     key = _fingerprint(cfg, source_fp, enc) + json.dumps(vocabs, sort_keys=True)
     splits = []
     for d, lab, c, r, o in sources:  # Dataset.map, cached, main process first (training/data_cache.py)
-        examples, bad = tokenise_cached(d, r, functools.partial(_tokenise_split, d, c, cfg, enc, lab, vocabs, o),
+        examples, bad = tokenise_cached(d, r, functools.partial(_tokenise_rows, d, c, cfg, enc, lab, vocabs, o),
                                         key + lab, num_proc=cfg.num_proc)
         skipped.update(bad)
         splits.append(examples)
@@ -373,7 +346,7 @@ def load_preference_data(cfg: DataConfig, tokenizer) -> PreferenceData:
                           user_column=cols["user"])
 
 
-def _fingerprint(cfg: DataConfig, source_fp: str, enc: _Encoder) -> str:
+def _fingerprint(cfg: DataConfig, source_fp: str, enc: Encoder) -> str:
     tok = enc.tok
     backend = getattr(tok, "backend_tokenizer", None)
     tok_id = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else tok.name_or_path

@@ -274,3 +274,33 @@ def check_ranking_size(splits: list[list[dict]], label: str) -> None:
         m, index = next((m, i) for m, i in sizes if m != sizes[0][0])
         raise ValueError(f"{label} row {index}: ranks {m} responses, but row {sizes[0][1]} ranks {sizes[0][0]}; every "
                          "row of ranked data must rank the same number of responses")
+
+
+class Encoder:
+    """Batched tokenisation with the tokenizer's own special prefix (e.g. BOS) kept on the prompt."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        at = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
+        self.prefix = list(with_special[:at])  # BOS for Llama-style tokenizers, [] for GPT-2
+        self.eos = tokenizer.eos_token_id
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: we truncate ourselves, the "longer than model_max_length" warning does not apply
+        out = self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        return [list(ids) for ids in out]
+
+    def prompts(self, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+        # A rendered chat template already carries its BOS as text.
+        return [ids if chat else self.prefix + ids for ids, chat in zip(self.encode(texts), is_chat, strict=True)]
+
+    def responses(self, texts: list[str], is_chat: list[bool]) -> list[list[int]]:
+        # Chat templates end a turn themselves (often with EOS): add EOS only if the template did not.
+        out = self.encode(texts)
+        if self.eos is not None:
+            for ids, chat in zip(out, is_chat, strict=True):
+                if not (chat and self.eos in ids) and (not ids or ids[-1] != self.eos):
+                    ids.append(self.eos)
+        return out

@@ -109,7 +109,8 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
     `expert`, `route`, `w`, `completion`."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from mixdpo_ds.training.data import _Encoder, model_positions
+    from mixdpo_ds.training.data import model_positions
+    from mixdpo_ds.training.data_rows import Encoder
     from mixdpo_ds.training.export import load_expert, run_export_dir
 
     if route not in ("sample", "top1"):
@@ -120,7 +121,7 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     export = run_export_dir(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(export / "expert_0"))
-    prefix = _Encoder(tokenizer).prefix  # with the tokenizer's own prefix (BOS), as data.py does
+    prefix = Encoder(tokenizer).prefix  # with the tokenizer's own prefix (BOS), as data.py does
     ids = tokenizer(prompt)["input_ids"]
     found = model_positions(AutoConfig.from_pretrained(str(export / "expert_0")))
     ids = fit_prompt(list(ids), found[0] if found else None, max_new_tokens, keep_prefix=len(prefix))

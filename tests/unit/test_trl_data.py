@@ -100,7 +100,8 @@ def test_tokenisation_is_cached_and_num_proc_gives_the_same(tmp_path, tiny_token
     path = saved(tmp_path, rows)
     calls = []
     real = data_mod._tokenise_rows
-    monkeypatch.setattr(data_mod, "_tokenise_rows", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    # a[7]: the row indices of the call (data._tokenise_rows' signature)
+    monkeypatch.setattr(data_mod, "_tokenise_rows", lambda *a, **k: calls.append(len(a[7])) or real(*a, **k))
     first = load_preference_data(DataConfig(path=path, max_length=32), tiny_tokenizer)
     assert sum(calls) == 1200
     calls.clear()

@@ -49,11 +49,13 @@ from mixdpo_ds.training.config import merge
 
 # The safeguards against gate lock-in, as nested run-config overrides merged into every "on" run (--safeguards-json
 # replaces this dict); "off" runs merge SAFEGUARDS_OFF, which turns the defaults' safeguards off:
-#   gate.trust_region  ρ: each gate step moves the gate at most ρ of the way (in KL) to the experts' posterior, so
-#                      while the experts are alike (q ≈ w) the gate does not move, whatever gate.lr (docs/math.md §12).
-SAFEGUARDS = {"gate": {"trust_region": 0.3}}
+#   gate.trust_region     ρ: each gate step moves the gate about ρ of the way (in KL) to the experts' posterior,
+#                         so while the experts are alike (q ≈ w) the gate does not move, whatever gate.lr
+#                         (docs/math.md §12);
+#   gate.trust_max_scale  with 1000 the region also lengthens short steps: the region, not gate.lr, sets the step.
+SAFEGUARDS = {"gate": {"trust_region": 0.1, "trust_max_scale": 1000.0}}
 SAFEGUARDS_OFF = {"gate": {"trust_region": 0.0}}
-GATE_LRS = (1e-3, 1e-2, 1e-1, 3e-1)
+GATE_LRS = (1e-3, 1e-2, 5e-2, 1e-1, 3e-1)  # 0.05 is gate.lr's default
 FAST_GATE_LRS = (1e-2, 3e-1)
 USERS_PER_GROUP = 10
 COLLAPSE_BELOW = 0.95  # gate routing below this = collapsed (two groups share an expert: routing ≈ 2/3)

@@ -11,7 +11,8 @@ forward (K expert log-probs and the reference from the same trunk pass), the Mix
 step on the trainable parameters. Each configuration runs in its own process (peak RSS = that process's VmHWM, the
 whole process: Python, torch, the model and the step), 2 warm-up steps then `--steps` timed ones; rounds are
 interleaved (a load spike on the shared machine hits every configuration alike); median and range over rounds of
-each round's median step. Ratios are against K = 1 (full head) measured in the same run.
+each round's median step. Ratios are per round, against each K = 1 configuration in the run (full head, separate
+or fused loss); "fused": the policy loss from `MixturePolicy.forward(loss=...)` (no logits recompute).
 
 specialise: `benchmarks/bench_ablations.py`'s runner with variants of `experts.head_rank` on the multi-reward task
 (the demo's data, SFT base and budgets): DPO (K = 1), K = 3 full heads, K = 3 low-rank heads at a few ranks.
@@ -27,12 +28,16 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = {  # name -> ExpertsConfig overrides (all on the frozen trunk, chunked kernels)
+CONFIGS = {  # name -> ExpertsConfig overrides (all on the frozen trunk, chunked kernels); "fused": the policy loss
+    # from MixturePolicy.forward(loss=FusedLoss(...)), the no-recompute kernels (docs/math.md §16)
     "K=1 full": dict(num_experts=1),
+    "K=1 full fused": dict(num_experts=1, fused=True),
     "K=3 full": dict(num_experts=3),
     "K=3 full, naive": dict(num_experts=3, logprob_impl="naive"),
     "K=3 r=16": dict(num_experts=3, head_rank=16),
     "K=3 r=64": dict(num_experts=3, head_rank=64),
+    "K=3 r=16 fused": dict(num_experts=3, head_rank=16, fused=True),
+    "K=3 r=64 fused": dict(num_experts=3, head_rank=64, fused=True),
 }
 RANKS = (4, 16)  # the demo's trunk is 64 wide: r / H = 1/16 and 1/4
 
@@ -53,12 +58,14 @@ def worker(name: str, steps: int, vocab: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mixdpo_ds.model.experts import ExpertsConfig, build_policy
+    from mixdpo_ds.model.lowrank_heads import FusedLoss
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=vocab, n_positions=128)).save_pretrained(
             tmp)
         overrides = {"logprob_impl": "chunked", **CONFIGS[name]}
+        fused = overrides.pop("fused", False)
         policy = build_policy(tmp, ExpertsConfig(kind="heads", trunk="frozen", **overrides), seed=0)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -73,10 +80,13 @@ def worker(name: str, steps: int, vocab: int) -> dict:
     times = []
     for i in range(2 + steps):
         t0 = time.perf_counter()
-        out = policy(input_ids, mask, labels)
-        policy_logps = out.logps.view(2, B, K).transpose(0, 1)                          # (B, 2, K)
-        ref = out.ref_logps.view(2, B).T                                                # (B, 2)
-        loss = mbt_loss(policy_logps, ref, log_w, 0.1).loss
+        if fused:  # the loss inside the policy forward, its reference from the same pass
+            loss = policy(input_ids, mask, labels, loss=FusedLoss(log_w, None, 0.1, {})).policy_loss
+        else:
+            out = policy(input_ids, mask, labels)
+            policy_logps = out.logps.view(2, B, K).transpose(0, 1)                      # (B, 2, K)
+            ref = out.ref_logps.view(2, B).T                                            # (B, 2)
+            loss = mbt_loss(policy_logps, ref, log_w, 0.1).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -90,6 +100,7 @@ def worker(name: str, steps: int, vocab: int) -> dict:
 def speed(args) -> list[str]:
     t_start = time.perf_counter()
     results: dict[str, list[dict]] = {n: [] for n in args.configs}
+    loads = []
     for _ in range(args.rounds):
         for name in args.configs:
             cmd = [sys.executable, __file__, "worker", name, "--steps", str(args.steps), "--vocab", str(args.vocab)]
@@ -99,22 +110,28 @@ def speed(args) -> list[str]:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(row), flush=True)
             results[name].append(row)
-    base = results[args.configs[0]]
-    base_t = statistics.median(r["step_s"] for r in base)
-    base_m = statistics.median(r["peak_rss_mib"] for r in base)
-    lines = ["| config | trainable params | s / step (median, range) | × K=1 | peak RSS MiB (median, range) | × K=1 |",
-             "|---|---|---|---|---|---|"]
+        loads.append(os.getloadavg()[0])
+    # ratios within each round (a load spike hits a round's configurations alike), against every K = 1 baseline
+    baselines = [n for n in args.configs if n.startswith("K=1")] or args.configs[:1]
+    cols = "".join(f" × {b} time (median, worst round) | × {b} memory |" for b in baselines)
+    lines = [f"| config | trainable params | s / step (median, range) | peak RSS MiB (median, range) |{cols}",
+             "|---|---|---|---|" + "---|---|" * len(baselines)]
     for name, rows in results.items():
         t = [r["step_s"] for r in rows]
         m = [r["peak_rss_mib"] for r in rows]
+        cells = ""
+        for b in baselines:
+            rt = [r["step_s"] / q["step_s"] for r, q in zip(rows, results[b], strict=True)]
+            rm = [r["peak_rss_mib"] / q["peak_rss_mib"] for r, q in zip(rows, results[b], strict=True)]
+            cells += f" {statistics.median(rt):.2f} ({max(rt):.2f}) | {statistics.median(rm):.2f} |"
         lines.append(f"| {name} | {rows[0]['trainable_params'] / 1e6:.2f}M | {statistics.median(t):.3f} "
-                     f"({min(t):.3f}-{max(t):.3f}) | {statistics.median(t) / base_t:.2f} | {statistics.median(m):.0f} "
-                     f"({min(m):.0f}-{max(m):.0f}) | {statistics.median(m) / base_m:.2f} |")
+                     f"({min(t):.3f}-{max(t):.3f}) | {statistics.median(m):.0f} ({min(m):.0f}-{max(m):.0f}) |{cells}")
     head = (f"GPT-2 4 × 256 (random init), V = {args.vocab}, frozen trunk, 8 pairs × 128 tokens (N = 1,024 response "
             f"tokens), fp32, one process, 2 torch threads; policy forward + Mix-DPO loss + backward + AdamW "
             f"(foreach); {args.steps} timed steps after 2 warm-up per process, {args.rounds} interleaved rounds; "
-            f"whole command {time.perf_counter() - t_start:.0f} s. Load average at the end "
-            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
+            f"ratios are per round (config / that round's baseline), median and worst over rounds; whole command "
+            f"{time.perf_counter() - t_start:.0f} s. Load average (1 min) after each round: "
+            f"{', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} cores.")
     return [head, "", *lines]
 
 

@@ -6,6 +6,8 @@
     mbt_loss(policy_logps (B, 2, K), ref_logps, log_w, beta, ..., impl=...) -> MixDPOOutput
     fused_policy_loss(hidden, heads, targets, rows, ref_logps, log_w, beta, ...) -> FusedPolicyLoss
                      K-head log-probs + Mix-DPO policy loss + gradients in one pass per chunk of pairs (no recompute)
+    fused_lowrank_policy_loss(hidden, base, up, down, targets, rows, ref_logps, log_w, beta, bias=None, ...)
+                     the same for K low-rank heads; ref_logps=None: the base head's reference from the same pass
 
 impl: "naive" (materialise, plain autograd; the reference), "chunked" (PyTorch, bounded memory; the CPU
 default), "triton" (GPU kernels; on CPU only under TRITON_INTERPRET=1). `default_impl(device)` picks one.
@@ -23,12 +25,13 @@ import torch
 from .chunked import expert_logprobs_chunked
 from .fused_policy_loss import FusedPolicyLoss, fused_policy_loss
 from .lowrank import lowrank_logprobs_chunked
+from .lowrank_fused import fused_lowrank_policy_loss
 from .naive import IGNORE_INDEX, expert_logprobs_naive, lowrank_logprobs_naive, mbt_loss_naive
 
 IMPLS = ("naive", "chunked", "triton")
 
-__all__ = ["IGNORE_INDEX", "IMPLS", "FusedPolicyLoss", "default_impl", "expert_logprobs", "fused_policy_loss",
-           "lowrank_logprobs", "mbt_loss", "triton_module", "triton_self_check"]
+__all__ = ["IGNORE_INDEX", "IMPLS", "FusedPolicyLoss", "default_impl", "expert_logprobs", "fused_lowrank_policy_loss",
+           "fused_policy_loss", "lowrank_logprobs", "mbt_loss", "triton_module", "triton_self_check"]
 
 
 def default_impl(device: torch.device | str, fallback: str = "chunked") -> str:

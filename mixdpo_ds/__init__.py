@@ -1,6 +1,7 @@
 """mixdpo-ds: DPO with a latent mixture of K expert policies (Mix-DPO / MoE-DPO), on DeepSpeed.
 
     from mixdpo_ds import MixDPOConfig, MixDPOTrainer      # TRL's DPOConfig / DPOTrainer shape (README)
+    from mixdpo_ds import plan_memory, format_plan         # bytes per rank of a run config (docs/scaling.md)
 
 The names are imported on first use, so `import mixdpo_ds.compat` (or the CLI's --help) stays light.
 """
@@ -12,6 +13,8 @@ _EXPORTS = {
     "RunConfig": "mixdpo_ds.training.config",
     "load_config": "mixdpo_ds.training.config",
     "TrainerCallback": "mixdpo_ds.training.callbacks",
+    "plan_memory": "mixdpo_ds.training.plan",
+    "format_plan": "mixdpo_ds.training.plan",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""`mixdpo` command line: train / evaluate / calibrate / personalize / generate / demo (docs/ARCHITECTURE.md
+"""`mixdpo` command line: train / evaluate / calibrate / personalize / generate / plan / demo (docs/ARCHITECTURE.md
 "Public surface").
 
     mixdpo train --config configs/tiny.yaml model.name_or_path=/tmp/tiny train.max_steps=20
@@ -6,6 +6,7 @@
     mixdpo calibrate --run runs/tiny --data heldout.jsonl
     mixdpo personalize --run runs/tiny --pairs user.jsonl --user alice
     mixdpo generate --run runs/tiny --prompt "Human: hi\n\nAssistant:" --route sample --max-new-tokens 20
+    mixdpo plan --config configs/llama.yaml --world-size 8 deepspeed.config=zero3
     mixdpo demo
     deepspeed --num_gpus 8 $(which mixdpo) train --config configs/llama.yaml     # the launcher adds --local_rank
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 _TRAIN_HELP = """Train a mixture of K DPO experts. Every field of the run config is a flag (below, by section) under its
@@ -57,6 +59,11 @@ def _train(args) -> int:
         trainer.train()
     finally:
         trainer.cleanup()
+    if os.environ.get("MIXDPO_PRINT_PEAK_RSS"):  # read by benchmarks/bench_plan.py `run_and_measure`
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss    # Linux: KiB
+        print(f"MIXDPO_PEAK_RSS rank={os.environ.get('RANK', '0')} kib={kib}", flush=True)
     return 0
 
 
@@ -130,6 +137,20 @@ def _generate(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from mixdpo_ds.training.config import load_config
+    from mixdpo_ds.training.plan import format_plan, grid_markdown, plan_memory
+
+    if args.grid:
+        print(grid_markdown())
+        return 0
+    # with a preset the path is only a placeholder (nothing is loaded); the command line's own overrides still win
+    placeholder = [f"model.name_or_path={args.model}"] if args.model else []
+    cfg = load_config(args.config, placeholder + list(args.overrides))
+    print(format_plan(plan_memory(cfg, args.world_size, args.model)))
+    return 0
+
+
 def _demo(args) -> int:
     from mixdpo_ds.apps.demo import main as demo_main  # lazy: written by another module, heavy imports
 
@@ -196,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--greedy", action="store_true", help="greedy decoding from the chosen expert")
     g.set_defaults(func=_generate)
+
+    m = sub.add_parser("plan", help="estimated bytes per rank of a run config (docs/scaling.md)")
+    m.add_argument("--config", default=None, help="run YAML (configs/*.yaml); without it: the defaults")
+    m.add_argument("--world-size", type=int, default=1, help="ranks (data-parallel world size)")
+    m.add_argument("--model", default=None, metavar="PRESET", help="shapes of a built-in preset (llama-3-8b, "
+                   "llama-3-70b, gpt2, ...) instead of model.name_or_path's config.json")
+    m.add_argument("--grid", action="store_true", help="print the docs/scaling.md table (Llama-3 8B / 70B grid)")
+    m.add_argument("overrides", nargs="*", help="a.b=c overrides, applied after the YAML")
+    m.set_defaults(func=_plan)
 
     d = sub.add_parser("demo", help="the embedded default run (mixdpo_ds.apps.demo)",
                        add_help=False)  # `mixdpo demo --help` shows the demo's own options

@@ -37,7 +37,7 @@ from mixdpo_ds.model.hf_lm import (
     sequence_logps,
     trunk_hidden,
 )
-from mixdpo_ds.model.lowrank_heads import LowRankHeads, build_lowrank_heads
+from mixdpo_ds.model.lowrank_heads import FusedLoss, LowRankHeads, build_lowrank_heads, fused_heads_loss
 
 KINDS = ("heads", "models", "lora")
 TRUNK_MODES = ("frozen", "trainable")
@@ -138,6 +138,8 @@ class PolicyOutput(NamedTuple):
     logps: torch.Tensor                    # (2B, K) fp32 sums over response tokens
     prompt_features: torch.Tensor | None   # (2B, H) detached hidden state at the last prompt token
     ref_logps: torch.Tensor | None = None  # (2B,) π_ref log-probs from the same trunk pass (frozen-trunk heads)
+    policy_loss: torch.Tensor | None = None  # forward(loss=FusedLoss): L_policy, differentiable (logps detached)
+    resp: torch.Tensor | None = None         # forward(loss=FusedLoss): (B, K) responsibilities q, detached
 
 
 def _prompt_features(hidden: torch.Tensor, prompt_last_index: torch.Tensor | None) -> torch.Tensor | None:
@@ -257,16 +259,33 @@ class MixturePolicy(nn.Module):
         return torch.stack([self.expert_head(k) for k in range(self.num_experts)])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                prompt_last_index: torch.Tensor | None = None) -> PolicyOutput:
-        """(2B, T) ids, mask, labels (-100 off the response) -> PolicyOutput(logps (2B, K) fp32, ...)."""
+                prompt_last_index: torch.Tensor | None = None, reference: bool = False,
+                loss: FusedLoss | None = None) -> PolicyOutput:
+        """(2B, T) ids, mask, labels (-100 off the response) -> PolicyOutput(logps (2B, K) fp32, ...).
+
+        `reference=True` -> the built-in reference's (2B,) log-probs instead (`reference_logps`): called through the
+        engine, so that under ZeRO-3 its hooks gather what the reference reads (docs/deepspeed.md §7).
+        `loss` (heads kind): also policy_loss and resp, from one pass without logits recompute (logps detached;
+        model/lowrank_heads.py `fused_heads_loss`)."""
+        if reference:
+            return self.reference_logps(input_ids, attention_mask, labels)
         if self.kind == "heads":
             if self.cfg.trunk == "frozen":
                 with torch.no_grad():
                     hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
             else:
                 hidden = trunk_hidden(self.trunk, input_ids, attention_mask)
+            if loss is not None:
+                features = _prompt_features(hidden, prompt_last_index)
+                logps, ref_logps, policy_loss, resp = fused_heads_loss(
+                    hidden, labels, features, loss, lowrank=self.lowrank_heads, heads=self.heads,
+                    shared_head=None if self.tied_head else self._shared_head(),
+                    frozen_ref=self.cfg.trunk == "frozen" and self.ref_head is not None, chunk_size=self.cfg.chunk_size)
+                return PolicyOutput(logps, features, ref_logps, policy_loss, resp)
             logps, ref_logps = self._heads_logps(hidden, labels)
             return PolicyOutput(logps, _prompt_features(hidden, prompt_last_index), ref_logps)
+        if loss is not None:
+            raise ValueError(f"MixturePolicy.forward(loss=...): experts.kind='heads' only, got {self.kind!r}")
         per_expert, features = [], None
         for k in range(self.num_experts):
             model = self._select(k)

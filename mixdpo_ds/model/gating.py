@@ -56,18 +56,20 @@ class GateConfig:
     hold_steps: int = field(default=0, metadata={
         "help": "moe: optimizer steps (after em.warmup_random_steps) during which the gate is not trained, so the "
                 "experts separate before the gate commits (a gate warm-up against lock-in)"})
-    trust_region: float = field(default=0.3, metadata={
-        "help": "moe: ρ > 0 shrinks each gate step so that mean_i KL(w_i^new ‖ w_i) ≤ ρ² · mean_i KL(q_i ‖ w_i) "
-                "(the gate moves at most ρ of the way to the experts' posterior); while the experts are alike q ≈ w "
+    trust_region: float = field(default=0.1, metadata={
+        "help": "moe: ρ > 0 scales each gate step so that mean_i KL(w_i^new ‖ w_i) = ρ² · mean_i KL(q_i ‖ w_i) "
+                "(the gate moves about ρ of the way to the experts' posterior); while the experts are alike q ≈ w "
                 "and the gate cannot commit to an assignment they do not support, whatever gate.lr "
-                "(docs/math.md §12; 0.3 measured in benchmarks/RESULTS.md). 0 = off"})
-    trust_max_scale: float = field(default=1.0, metadata={
-        "help": "moe, with gate.trust_region: the most a gate step is scaled; 1 = the region only shrinks the "
-                "optimizer's step, > 1 also lengthens a short one up to ρ of the way to the posterior"})
+                "(docs/math.md §12; ρ = 0.1 with trust_max_scale 1000 measured in benchmarks/RESULTS.md, 'Gate "
+                "lock-in'). 0 = off"})
+    trust_max_scale: float = field(default=1000.0, metadata={
+        "help": "moe, with gate.trust_region: the most a gate step is scaled. 1000 (default): short steps are "
+                "lengthened too, so the region, not gate.lr, sets the step (gate.lr 1e-3 to 0.3 routed alike in "
+                "every seed); 1 = the region only shrinks the optimizer's step (then gate.lr 1e-3 under-trains)"})
     lr: float = field(default=5e-2, metadata={
-        "help": "moe: gate learning rate. With gate.trust_region 0.01, 0.1 and 0.3 routed every seed of the "
-                "user-decided-groups benchmark and 1e-3 under-trained in all (250 steps; benchmarks/RESULTS.md, "
-                "'Gate lock-in'); 0.05 is the demo's"})
+        "help": "moe: gate learning rate. With the default trust region (ρ = 0.1, trust_max_scale 1000) it only "
+                "sets the optimizer's first trial step: gate.lr 1e-3 to 0.3 route alike (benchmarks/RESULTS.md, "
+                "'Gate lock-in'); without the region it is the step size. 0.05 is the demo's"})
     init: str = field(default="uniform", metadata={"help": "uniform (w = 1/K at start) | random (mix: Dirichlet(1) "
                                                            "sample; moe: default layer init)"})
     pretrain_steps: int = field(default=0, metadata={"help": "supervised gate pre-training steps on a label column"})
@@ -93,6 +95,8 @@ class GateConfig:
             raise ValueError(f"gate.num_users={self.num_users}: must be >= 0")
         if self.trust_region < 0:
             raise ValueError(f"gate.trust_region={self.trust_region}: must be >= 0 (0 = off)")
+        if not self.trust_max_scale > 0:
+            raise ValueError(f"gate.trust_max_scale={self.trust_max_scale}: must be > 0 (1 = shrink only)")
         if self.adam_epsilon is not None and not 0 < self.adam_epsilon < 1e3:
             raise ValueError(f"gate.adam_epsilon={self.adam_epsilon}: must be in (0, 1000) or null")
         if self.hold_steps < 0:

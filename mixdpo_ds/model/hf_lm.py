@@ -56,7 +56,8 @@ def head_weight(model: PreTrainedModel) -> torch.Tensor:
 
 
 def trunk_hidden(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # (2B, T, H)
+    # no KV cache: nothing here decodes, and a cache is incompatible with gradient checkpointing
+    return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (2B, T, H)
 
 
 def disable_dropout(module: nn.Module) -> None:

@@ -12,10 +12,23 @@ A_k = 0, i.e. K copies of the base head (B_k still differ, so the first gradient
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
-from mixdpo_ds.model.hf_lm import response_tokens, sum_per_row
+from mixdpo_ds.model.hf_lm import response_tokens, sequence_logps, sum_per_row
+
+
+class FusedLoss(NamedTuple):
+    """What a `heads` policy's forward needs to return the Mix-DPO policy loss itself (the no-recompute kernels
+    `fused_lowrank_policy_loss` / `fused_policy_loss`, docs/math.md §16): the loss is separable over pairs given
+    log w, so each chunk of pairs takes its gradients from the logits it still holds."""
+    log_w: torch.Tensor | Callable  # (B, K) gate log-weights, or a function of the prompt features (2B, H) -> (B, K)
+    ref_logps: torch.Tensor | None  # (B, 2) or (B, 2, K); None: the frozen base head's own, from the same pass
+    beta: float
+    loss_kwargs: dict               # mixdpo_loss's exact-mode options (posterior_correction, label_smoothing, ...)
 
 
 class LowRankHeads(nn.Module):
@@ -42,14 +55,19 @@ class LowRankHeads(nn.Module):
         return heads if k is None else heads[0]
 
     def forward(self, hidden: torch.Tensor, base: torch.Tensor, labels: torch.Tensor, include_base: bool,
-                impl: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+                impl: str = "auto", chunk_size: int | None = None, loss: FusedLoss | None = None):
         """(2B, T, H), (V, H), (2B, T) -> (2B, K) fp32 sums over response tokens, or (2B, K + 1) with the base
         head's own log-probs in column K (include_base). impl "auto" runs the chunked PyTorch path (the Triton
-        kernel has no low-rank variant yet). A module forward, not a plain method: ZeRO-3 gathers up / down (and
-        the external base head, `register_heads_for_zero3`) around it."""
-        from mixdpo_ds.kernels import lowrank_logprobs  # lazy: keeps `import experts` light
+        kernel has no low-rank variant yet). With `loss` (log_w resolved to a (B, K) tensor): the FusedPolicyLoss
+        of `fused_lowrank_policy_loss` instead, its reference from the base column when loss.ref_logps is None.
+        A module forward, not a plain method: ZeRO-3 gathers up / down (and the external base head,
+        `register_heads_for_zero3`) around it."""
+        from mixdpo_ds.kernels import fused_lowrank_policy_loss, lowrank_logprobs  # lazy: keeps `import experts` light
 
         rows, token_hidden, targets = response_tokens(hidden, labels)
+        if loss is not None:
+            return fused_lowrank_policy_loss(token_hidden, base, self.up, self.down, targets, rows, loss.ref_logps,
+                                             loss.log_w, loss.beta, **loss.loss_kwargs)
         impl = "naive" if impl == "naive" else "chunked"
         token_logps = lowrank_logprobs(token_hidden, base, self.up, self.down, targets, include_base=include_base,
                                        impl=impl, chunk_size=chunk_size)                     # (N, K or K + 1)
@@ -66,3 +84,37 @@ def build_lowrank_heads(head: torch.Tensor, num_experts: int, rank: int, init_no
     scale = init_noise * float(head.detach().float().std()) * (H / rank) ** 0.5
     up = torch.randn(num_experts, V, rank, generator=generator) * scale                     # (K, V, r)
     return LowRankHeads(up.to(head.dtype).to(head.device), down.to(head.dtype).to(head.device))
+
+
+def fused_heads_loss(hidden, labels, features, loss: FusedLoss, *, lowrank: LowRankHeads | None,
+                     heads: torch.Tensor | None, shared_head: torch.Tensor | None, frozen_ref: bool, chunk_size=None):
+    """A `heads` policy's loss from the no-recompute kernels (docs/math.md §16), called inside its forward (ZeRO-3:
+    heads exist only inside their owner's forward; low-rank deltas are `lowrank`'s, so they run in its forward).
+
+    hidden (2B, T, H), labels (2B, T), features (2B, H) or None (the gate's input when loss.log_w is a function);
+    lowrank or dense heads (K, V, H); shared_head W (V, H); frozen_ref: W on a frozen trunk is the reference.
+    -> (logps (2B, K) detached, ref_logps (2B,) or None, policy_loss, resp (B, K))."""
+    from mixdpo_ds.kernels import fused_policy_loss  # lazy: keeps `import experts` light
+
+    log_w = loss.log_w(features) if callable(loss.log_w) else loss.log_w                     # (B, K)
+    if loss.ref_logps is None and not frozen_ref:
+        raise ValueError("MixturePolicy.forward(loss=...): ref_logps=None needs the built-in reference of a "
+                         "frozen-trunk heads policy (experts.trunk=frozen); pass ref_logps")
+    loss = loss._replace(log_w=log_w)
+    if lowrank is not None:
+        res = lowrank(hidden, shared_head, labels, frozen_ref, loss=loss)
+    elif heads is not None:
+        ref = loss.ref_logps
+        if ref is None:  # the frozen base head's reference, chunked (no gradient)
+            with torch.no_grad():
+                ref = sequence_logps(hidden, shared_head.unsqueeze(0), labels, "chunked", chunk_size)[:, 0]
+            ref = ref.view(2, -1).T                                                            # (B, 2)
+        rows, token_hidden, targets = response_tokens(hidden, labels)
+        res = fused_policy_loss(token_hidden, heads, targets, rows, ref, log_w, loss.beta, **loss.loss_kwargs)
+        res = res._replace(ref_logps=ref if loss.ref_logps is None else None)
+    else:
+        raise ValueError("MixturePolicy.forward(loss=...): for dense (K, V, H) or low-rank heads only, not "
+                         "expert-parallel or the tied K = 1 head")
+    logps = res.policy_logps.transpose(0, 1).reshape(-1, res.policy_logps.shape[2]).float()    # (2B, K)
+    ref_logps = None if res.ref_logps is None else res.ref_logps.T.reshape(-1).float()         # (2B,)
+    return logps, ref_logps, res.policy_loss, res.resp

@@ -30,8 +30,11 @@ log = logging.getLogger("mixdpo_ds")
 class FrozenReference(nn.Module):
     """π_ref from one path (shared, logps (2B,)) or K paths (per expert, logps (2B, K)); eval, no grad.
 
-    K equal paths are loaded once and give the shared (2B,) form: one reference serves all experts.
+    K equal paths are loaded once and give the shared (2B,) form: one reference serves all experts. Under ZeRO-3 it
+    is built partitioned and run inside an optimizer-less engine (`EngineReference`; training/build.py).
     """
+
+    builtin = False   # a second model, not the policy's own reference
 
     def __init__(self, model_name_or_path: str | Sequence[str], torch_dtype: torch.dtype = torch.float32,
                  logprob_impl: str = "auto", chunk_size: int | None = None):
@@ -69,7 +72,10 @@ class FrozenReference(nn.Module):
 
 
 class PolicyReference:
-    """The built-in reference of a policy (`MixturePolicy.has_builtin_reference`): same `logps(batch)` API."""
+    """The built-in reference of a policy (`MixturePolicy.has_builtin_reference`): same `logps(batch)` API. Called
+    outside the engine: below ZeRO-3 only (under ZeRO-3 `EngineReference(engine, builtin=True)` runs it)."""
+
+    builtin = True
 
     def __init__(self, policy):
         if not policy.has_builtin_reference:
@@ -80,6 +86,24 @@ class PolicyReference:
         device = next(self.policy.parameters()).device
         return self.policy.reference_logps(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                            batch["labels"].to(device))
+
+
+class EngineReference:
+    """π_ref through a DeepSpeed engine's forward, so that under ZeRO-3 the engine's hooks gather the weights
+    (docs/deepspeed.md §7); every rank must call `logps` for every batch, in the same order.
+
+    builtin=True: the policy's engine, run with `reference=True` (`MixturePolicy.reference_logps`: frozen trunk +
+    base head, or the base with adapters disabled); builtin=False: an optimizer-less engine of a `FrozenReference`.
+    """
+
+    def __init__(self, engine, builtin: bool):
+        self.engine = engine
+        self.builtin = builtin
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k].to(self.engine.device) for k in ("input_ids", "attention_mask", "labels")}
+        return self.engine(**inputs, reference=True) if self.builtin else self.engine(**inputs)
 
 
 FULL_HASH_BYTES = 2 << 30  # weight files up to 2 GiB are hashed whole (~1-2 s per GiB)
@@ -133,22 +157,22 @@ def _save_atomic(tensor: torch.Tensor, path: str) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def precompute_reference_logps(reference, examples: Sequence[dict], collate_fn: Callable[[list], dict],
-                               batch_size: int, cache_dir: str | None, key: str | None) -> torch.Tensor:
-    """Reference log-probs of every example: (num_examples, 2) [chosen, rejected] or (num_examples, 2, K).
+def _load_cached(path: str | None) -> torch.Tensor | None:
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        return load_file(path)["ref_logps"]
+    except Exception as e:  # truncated or corrupt (e.g. a crash of another writer's disk): recompute it
+        log.warning("reference cache %s is unreadable (%s: %s); recomputing it", path, type(e).__name__, e)
+        return None
 
-    Row i holds the example whose `index` is i (`collate_fn` must return `index` (B,) and the 2B rows chosen
-    first). With a cache_dir and key, an existing `cache_dir/key.safetensors` is loaded without running the
-    model; otherwise the result is computed and saved atomically (tmp file + os.replace).
-    """
-    path = cache_path(cache_dir, key) if cache_dir and key else None
-    if path and os.path.exists(path):
-        try:
-            return load_file(path)["ref_logps"]
-        except Exception as e:  # truncated or corrupt (e.g. a crash of another writer's disk): recompute it
-            log.warning("reference cache %s is unreadable (%s: %s); recomputing it", path, type(e).__name__, e)
-    num_examples = max(int(ex["index"]) for ex in examples) + 1
+
+@torch.no_grad()
+def reference_table(reference, examples: Sequence[dict], collate_fn: Callable[[list], dict], batch_size: int,
+                    num_examples: int | None = None) -> torch.Tensor:
+    """(num_examples, 2) or (num_examples, 2, K) reference log-probs; row i holds the example whose `index` is i,
+    rows of no example given are NaN. num_examples defaults to the largest index + 1."""
+    num_examples = num_examples or max(int(ex["index"]) for ex in examples) + 1
     result = None
     for start in range(0, len(examples), batch_size):
         rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]   # list or Dataset
@@ -159,7 +183,70 @@ def precompute_reference_logps(reference, examples: Sequence[dict], collate_fn: 
         if result is None:
             result = torch.full((num_examples, *pairs.shape[1:]), float("nan"))
         result[torch.as_tensor(batch["index"]).long()] = pairs
+    return result
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference, examples: Sequence[dict], collate_fn: Callable[[list], dict],
+                               batch_size: int, cache_dir: str | None, key: str | None) -> torch.Tensor:
+    """Reference log-probs of every example: (num_examples, 2) [chosen, rejected] or (num_examples, 2, K).
+
+    Row i holds the example whose `index` is i (`collate_fn` must return `index` (B,) and the 2B rows chosen
+    first). With a cache_dir and key, an existing `cache_dir/key.safetensors` is loaded without running the
+    model; otherwise the result is computed and saved atomically (tmp file + os.replace).
+    """
+    path = cache_path(cache_dir, key) if cache_dir and key else None
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached
+    result = reference_table(reference, examples, collate_fn, batch_size)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         _save_atomic(result, path)
+    return result
+
+
+def shard_positions(n: int, rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's share of n examples scored by `world` ranks together -> (positions, how many are its own).
+
+    Rank r owns positions r, r + world, ...; the list is padded with its last position (position 0 when it owns
+    none) to ceil(n / world), so that every rank runs the same number of forwards (ZeRO-3: every rank must)."""
+    own = list(range(rank, n, world))
+    size = -(-n // world)
+    return own + [own[-1] if own else 0] * (size - len(own)), len(own)
+
+
+@torch.no_grad()
+def precompute_reference_logps_sharded(reference, examples: Sequence[dict], collate_fn: Callable[[list], dict],
+                                       batch_size: int, cache_dir: str | None, key: str | None, rank: int,
+                                       world: int, device) -> torch.Tensor:
+    """`precompute_reference_logps` by all ranks together (a ZeRO-3 reference: every rank runs every forward).
+
+    Each rank scores its share (`shard_positions`, ~n / world examples), the tables are summed over ranks (every
+    row has exactly one owner) and every rank gets the whole table. The cache is read only when every rank can
+    read it (else all would not run the same forwards), and rank 0 writes it. `device`: where the collectives
+    run (the accelerator under NCCL)."""
+    import torch.distributed as dist
+
+    path = cache_path(cache_dir, key) if cache_dir and key else None
+    cached = _load_cached(path)
+    hit = torch.tensor([float(cached is not None)], device=device)
+    dist.all_reduce(hit, op=dist.ReduceOp.MIN)
+    if hit.item() == 1.0:
+        return cached
+    positions, num_own = shard_positions(len(examples), rank, world)
+    num_examples = max(int(ex["index"]) for ex in examples) + 1
+    table = reference_table(reference, [examples[i] for i in positions], collate_fn, batch_size, num_examples)
+    owned = torch.zeros(num_examples, dtype=torch.bool)
+    owned[torch.as_tensor([int(examples[i]["index"]) for i in positions[:num_own]], dtype=torch.long)] = True
+    owned = owned.view(-1, *[1] * (table.dim() - 1))                  # broadcasts over (2[, K])
+    total = torch.where(owned, table, 0.0).to(device)
+    count = owned.to(device, torch.float32)
+    dist.all_reduce(total)
+    dist.all_reduce(count)
+    result = torch.where(count.cpu() > 0, total.cpu(), float("nan"))  # rows of no example stay NaN
+    if path and rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        _save_atomic(result, path)
+    dist.barrier()
     return result

@@ -4,10 +4,13 @@ Each takes plain arguments and returns plain objects; `MixDPOTrainer.setup` call
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 
 import torch
 
+from mixdpo_ds.compat import set_lora_active
 from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training.batch import chosen_prompt_features, model_inputs
 from mixdpo_ds.training.deepspeed_config import zero_stage_of
@@ -77,7 +80,7 @@ def build_engine(policy, cfg, ds_config: dict, total_steps: int):
     import deepspeed
 
     t = cfg.train
-    if t.gradient_checkpointing:
+    if checkpointing_wanted(t.gradient_checkpointing, cfg.experts):
         enable_gradient_checkpointing(policy)
     groups = policy.param_groups(t.lr, t.weight_decay)
     if cfg.experts.ep_size > 1:
@@ -94,18 +97,61 @@ def build_engine(policy, cfg, ds_config: dict, total_steps: int):
     return engine, optimizer, scheduler
 
 
+def checkpointing_wanted(value, experts) -> bool:
+    """train.gradient_checkpointing resolved: 'auto' / None -> on unless frozen-trunk heads (whose trunk runs under
+    no_grad: nothing to recompute); true / false as given."""
+    if value is None or value == "auto":
+        return not (experts.kind == "heads" and experts.trunk == "frozen")
+    return bool(value)
+
+
+def checkpointing_kwargs(policy) -> dict:
+    """torch.utils.checkpoint's arguments: non-reentrant (transformers' and torch's default; DeepSpeed 0.19.8 keeps
+    frozen ZeRO-3 weights gathered through a non-reentrant recompute, so lora under ZeRO-3 needs no reentrant
+    workaround). lora adds a `context_fn`: the K experts share one base and the forward switches adapters between
+    their passes, so the backward's recompute of a layer, which runs after all K passes, must switch back to the
+    adapter that layer's forward had, else every pass is recomputed with the last expert's adapter (wrong
+    gradients, caught by tests/unit/test_gradient_checkpointing.py)."""
+    if policy.kind != "lora":
+        return {"use_reentrant": False}
+    layers = policy._lora_layers
+
+    def context_fn():
+        active = list(layers[0].active_adapters)   # one adapter set is active on every layer (`MixturePolicy._select`)
+        return contextlib.nullcontext(), _adapters_active(layers, active)
+    return {"use_reentrant": False, "context_fn": context_fn}
+
+
+@contextlib.contextmanager
+def _adapters_active(layers: list, names: list[str]):
+    before = list(layers[0].active_adapters)
+    for layer in layers:
+        set_lora_active(layer, names)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            set_lora_active(layer, before)
+
+
 def enable_gradient_checkpointing(policy) -> list:
-    """transformers' gradient checkpointing (non-reentrant) on every transformer the policy trains: a trainable
-    trunk, the K models, the base under lora (its frozen weights still carry the adapters' activations). A frozen
-    trunk runs under no_grad and has nothing to recompute. -> the models it was enabled on."""
+    """transformers' activation checkpointing on every transformer the policy trains: a trainable trunk, the K
+    models, the base under lora (its frozen weights still carry the adapters' activations). A frozen trunk runs
+    under no_grad and has nothing to recompute. The trunk runs without KV cache (model/hf_lm.py); transformers
+    makes the embedding outputs require grad (`enable_input_require_grads`, what PEFT needs). -> the models it was
+    enabled on."""
     if policy.kind == "heads":
         models = [policy.trunk] if policy.cfg.trunk == "trainable" else []
     elif policy.kind == "models":
         models = list(policy.models)
     else:
         models = [policy.lora_model.base_model.model]
+    kwargs = checkpointing_kwargs(policy)
     for model in models:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not models:
         log.warning("train.gradient_checkpointing: experts.kind='heads' with a frozen trunk trains no transformer "
                     "layer; nothing to checkpoint")
@@ -122,19 +168,60 @@ def reference_paths(cfg):
     return cfg.model.name_or_path
 
 
-def build_reference(cfg, policy, data, zero_stage: int, rank: int, collate, out_dir, dtype):
-    """-> (reference, ref_tables): an object with .logps(batch), or None with precomputed tables {split: (n, 2)}."""
-    from mixdpo_ds.model.reference import FrozenReference, precompute_reference_logps, reference_cache_key
+def reference_ds_config(ds_config: dict) -> dict:
+    """The engine config of a separate reference under ZeRO-3: the policy's (same zero_optimization, stage 3, same
+    batch keys) without optimizer or scheduler, as TRL's `_prepare_deepspeed` builds it."""
+    config = {k: v for k, v in copy.deepcopy(ds_config).items() if k not in ("optimizer", "scheduler")}
+    if zero_stage_of(config) != 3:
+        raise ValueError(f"a sharded reference engine needs zero_optimization.stage 3, got {zero_stage_of(config)}")
+    return config
 
-    paths = reference_paths(cfg)
-    # ZeRO-3: the policy's weights exist only inside the engine's forward, so its built-in reference cannot run
-    # (nor run on rank 0 alone for precompute); a replicated FrozenReference does (training/distributed.py).
-    builtin = policy.has_builtin_reference and zero_stage < 3 and not cfg.model.ref_name_or_path
-    with replicated_load():
-        reference = PolicyReference(policy) if builtin else FrozenReference(
-            paths, dtype, cfg.experts.logprob_impl, cfg.experts.chunk_size)
-    if torch.cuda.is_available():  # precompute on the GPU (the engine would move the policy only later)
-        (policy if builtin else reference).to(f"cuda:{torch.cuda.current_device()}")
+
+def make_reference(cfg, engine, zero_stage: int, dtype, ds_config: dict):
+    """The object whose .logps(batch) gives π_ref: see `build_reference`."""
+    import deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from mixdpo_ds.model.reference import EngineReference, FrozenReference
+
+    policy, paths = engine.module, reference_paths(cfg)
+    if policy.has_builtin_reference and not cfg.model.ref_name_or_path:
+        return EngineReference(engine, builtin=True) if zero_stage == 3 else PolicyReference(policy)
+    if zero_stage < 3:
+        with replicated_load():
+            reference = FrozenReference(paths, dtype, cfg.experts.logprob_impl, cfg.experts.chunk_size)
+        return reference.to(engine.device)
+    if not is_deepspeed_zero3_enabled():  # from_pretrained would load the full model on every rank
+        raise RuntimeError("a ZeRO-3 reference must be built while the run's HfDeepSpeedConfig is alive "
+                           "(docs/deepspeed.md §4)")
+    reference = FrozenReference(paths, dtype, cfg.experts.logprob_impl, cfg.experts.chunk_size)  # partitioned
+    ref_engine, *_ = deepspeed.initialize(model=reference, config=reference_ds_config(ds_config))
+    ref_engine.eval()
+    return EngineReference(ref_engine, builtin=False)
+
+
+def build_reference(cfg, engine, data, zero_stage: int, rank: int, world: int, collate, out_dir, dtype,
+                    ds_config: dict):
+    """-> (reference, ref_tables): an object with .logps(batch), or None with precomputed tables {split: (n, 2)}.
+
+    Built after the engine (docs/deepspeed.md §7). The policy's own reference when it has one (frozen-trunk heads:
+    trunk + base head; lora: adapters disabled) and model.ref_name_or_path is unset: below ZeRO-3 called directly
+    (`PolicyReference`), under ZeRO-3 through the engine's forward (`EngineReference(builtin=True)`), whose hooks
+    gather the partitioned weights; no second copy either way. Otherwise a `FrozenReference` of the reference
+    path(s): replicated below ZeRO-3; under ZeRO-3 loaded partitioned (the run's HfDeepSpeedConfig is alive) into
+    an optimizer-less engine with the same stage-3 settings, as TRL and OpenRLHF do, so no rank ever holds it whole.
+
+    train.reference=precompute: below ZeRO-3 rank 0 computes and writes the cache, the others read it; under
+    ZeRO-3 all ranks compute together, each its share of the examples, and the tables are all-reduced
+    (`precompute_reference_logps_sharded`). The reference is then dropped (a separate one frees its memory).
+    """
+    from mixdpo_ds.model.reference import (
+        precompute_reference_logps,
+        precompute_reference_logps_sharded,
+        reference_cache_key,
+    )
+
+    reference = make_reference(cfg, engine, zero_stage, dtype, ds_config)
     if cfg.train.reference == "model":
         return reference, None
     cache_dir = cfg.train.reference_cache_dir or str(out_dir / "ref_cache")
@@ -142,18 +229,19 @@ def build_reference(cfg, policy, data, zero_stage: int, rank: int, collate, out_
     for split, examples in (("train", data.train), ("eval", data.eval)):
         if not examples:
             continue
-        key = reference_cache_key(paths, data.fingerprint, cfg.data.max_length, cfg.data.max_prompt_length,
-                                  {"dtype": cfg.model.dtype, "split": split})
-        # Rank 0 computes and writes, the others then read its file; under ZeRO-3 a sharded model needs every
-        # rank in every forward, so all compute (each writes the same file atomically).
-        together = zero_stage == 3 and not builtin
-        torch.distributed.barrier()
+        key = reference_cache_key(reference_paths(cfg), data.fingerprint, cfg.data.max_length,
+                                  cfg.data.max_prompt_length, {"dtype": cfg.model.dtype, "split": split})
+        bs = cfg.train.micro_batch_size
+        if zero_stage == 3:
+            tables[split] = precompute_reference_logps_sharded(reference, examples, collate, bs, cache_dir, key,
+                                                               rank, world, engine.device)
+            continue
+        torch.distributed.barrier()  # rank 0 computes and writes, then the others read its file
         for turn in (0, 1):
-            if split not in tables and (together or (rank == 0) == (turn == 0)):
-                tables[split] = precompute_reference_logps(reference, examples, collate,
-                                                           cfg.train.micro_batch_size, cache_dir, key)
+            if split not in tables and (rank == 0) == (turn == 0):
+                tables[split] = precompute_reference_logps(reference, examples, collate, bs, cache_dir, key)
             torch.distributed.barrier()
-    return None, tables  # the model is not needed any more; dropping it frees its memory
+    return None, tables
 
 
 def pretrain_gate_on_labels(cfg, engine, gate, examples: list[dict], collate, K: int, device) -> float:

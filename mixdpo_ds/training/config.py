@@ -30,6 +30,7 @@ from mixdpo_ds.training.config_checks import check_fields, is_finite_number, sho
 from mixdpo_ds.training.config_names import flat_table, merge, nest_flat
 from mixdpo_ds.training.config_names import nested_dataclass as _nested_dataclass
 from mixdpo_ds.training.data import DataConfig
+from mixdpo_ds.training.export_stream import parse_shard_size
 from mixdpo_ds.training.schedule import SCHEDULES
 
 DTYPES = ("fp32", "bf16")
@@ -38,6 +39,7 @@ DEFAULT_LR = 1e-4
 REFERENCE_MODES = ("model", "precompute")
 LOSS_IMPLS = ("auto", "naive", "triton")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")
+EXPORT_FORMATS = ("experts", "compact", "both")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -143,9 +145,10 @@ class TrainConfig:
         "help": "Experiment trackers, any of ['tensorboard', 'wandb', 'mlflow'] (training/trackers.py), each "
                 "through its own library on rank 0; [] or 'none' = metrics.jsonl only."})
     run_name: str | None = field(default=None, metadata={"help": "Tracker run name; default: the output_dir's name."})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "Recompute activations in the backward (transformers' gradient_checkpointing_enable) of every "
-                "trained transformer: trainable trunk, models, the base under lora."})
+    gradient_checkpointing: bool | str | None = field(default="auto", metadata={
+        "help": "Recompute activations in the backward (transformers' activation checkpointing) of every trained "
+                "transformer: trainable trunk, models, the base under lora. 'auto' or null: on for those, off for "
+                "frozen-trunk heads (no transformer layer trains); true / false: as said."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0."})
     reference: str = field(default="model", metadata={"help": f"One of {list(REFERENCE_MODES)}: frozen reference "
                                                               "model each step, or log-probs precomputed and cached."})
@@ -155,6 +158,12 @@ class TrainConfig:
     export_merged: bool = field(default=False, metadata={
         "help": "lora: also write each expert merged into a full model (export/merged/expert_k); the default "
                 "export is K adapters on the base (export/expert_k, loadable with peft.PeftModel)."})
+    export_format: str = field(default="experts", metadata={
+        "help": f"One of {list(EXPORT_FORMATS)}: experts = K standalone models (export/expert_k); compact = one "
+                "trunk + the K heads (export/compact, experts.kind heads only: about 1/K of the bytes); both."})
+    export_max_shard_size: str | int = field(default="2GB", metadata={
+        "help": "Largest safetensors file of an exported model ('2GB', '500MB' or bytes); bigger models are "
+                "sharded with a model.safetensors.index.json, as transformers' save_pretrained does."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the export to the Hugging Face Hub at the end "
                                                                "(huggingface_hub; the token from HF_TOKEN / login)."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository of push_to_hub ('owner/name'); "
@@ -165,6 +174,14 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train.reference", self.reference, REFERENCE_MODES)
+        if self.gradient_checkpointing not in (True, False, None, "auto"):
+            raise ValueError(f"train.gradient_checkpointing={self.gradient_checkpointing!r}: must be true, false, "
+                             "'auto' or null (= 'auto': on unless experts.kind=heads with a frozen trunk)")
+        _check_choice("train.export_format", self.export_format, EXPORT_FORMATS)
+        parse_shard_size(self.export_max_shard_size, "train.export_max_shard_size")
+        if self.push_to_hub and self.export_format == "compact":
+            raise ValueError("train.push_to_hub uploads the expert_k models: train.export_format must be 'experts' "
+                             "or 'both' with it, got 'compact'")
         for key in ("micro_batch_size", "grad_accum", "log_every"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)!r}: must be an integer >= 1")
@@ -272,6 +289,9 @@ class RunConfig:
         if self.experts.num_experts > 1 and self.gate.kind == "mix" and self.em.gate_update == "alternate":
             raise ValueError("em.gate_update='alternate' needs gate.kind='moe' (the 'mix' gate is updated in "
                              "closed form); allowed for gate.kind='mix': ['joint', 'frozen']")
+        if self.train.export_format != "experts" and self.experts.kind != "heads":
+            raise ValueError(f"train.export_format={self.train.export_format!r} (one trunk + K heads) is for "
+                             f"experts.kind='heads', not {self.experts.kind!r}; allowed here: ['experts']")
 
     def to_dict(self) -> dict:
         return {name: _plain(getattr(self, name)) for name in SECTIONS}

@@ -45,12 +45,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     `timeout_s` bounds every collective: a rank that stops answering (a frozen or killed peer) makes the others
     fail with a timeout error after that many seconds instead of waiting forever. The process removes its own
     DeepSpeed shm all-reduce buffer at exit (DeepSpeed never does; a SIGKILLed process still leaves its file).
-    One process (WORLD_SIZE 1) does not build that shm op at all (`deepspeed_shm_comm_disabled`).
+    One process (WORLD_SIZE 1), or ranks spread over several nodes (LOCAL_SIZE < WORLD_SIZE), do not build that shm
+    op at all (`deepspeed_shm_comm_disabled`).
 
-    Under srun (no launcher) SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give RANK / WORLD_SIZE / LOCAL_RANK
-    (MASTER_ADDR / MASTER_PORT come from the sbatch script). Defaults for a plain `python ...` run: RANK=0,
-    LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR=127.0.0.1, MASTER_PORT a free port (parallel single-process runs,
-    e.g. tests, must not collide on 29500).
+    Under srun without the launcher (the alternative in launch/slurm.sbatch's header) SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID give RANK / WORLD_SIZE / LOCAL_RANK (MASTER_ADDR / MASTER_PORT come from the sbatch script).
+    Defaults for a plain `python ...` run: RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR=127.0.0.1, MASTER_PORT a
+    free port (parallel single-process runs, e.g. tests, must not collide on 29500).
     """
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
@@ -73,8 +74,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
         backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
     # One process never all-reduces through shared memory: skip DeepSpeed's JIT build of that op (docs/deepspeed.md
     # §13). Several ranks build it once per machine (torch's extension cache, one rank compiles under a file lock).
-    single = os.environ["WORLD_SIZE"] == "1"
-    with deepspeed_shm_comm_disabled() if single else contextlib.nullcontext():
+    # Ranks on several nodes never use it either (DeepSpeed's CPU backend takes it only when LOCAL_SIZE == WORLD_SIZE).
+    local = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
+    unused = os.environ["WORLD_SIZE"] == "1" or local != os.environ["WORLD_SIZE"]
+    with deepspeed_shm_comm_disabled() if unused else contextlib.nullcontext():
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     atexit.register(_remove_shm_buffer, shm_buffer_path())
 

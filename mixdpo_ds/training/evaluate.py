@@ -99,10 +99,10 @@ def recovery_accuracy(expert: list[int], group: list[int], K: int, G: int) -> di
 
 
 def _load_run(run_dir: Path, device: torch.device):
-    from mixdpo_ds.training.export import load_compact, load_experts, load_export_gate, run_export_dir
+    from mixdpo_ds.training.export import has_compact, load_compact, load_experts, load_export_gate, run_export_dir
 
     export = run_export_dir(str(run_dir))
-    policy = load_compact(str(export)) if (export / "compact").is_dir() else load_experts(str(export))
+    policy = load_compact(str(export)) if has_compact(export) else load_experts(str(export))
     gate, meta = load_export_gate(str(export))
     return policy.to(device).eval(), (gate.to(device).eval() if gate is not None else None), meta or {}
 
@@ -122,10 +122,10 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
                 overrides: list[str] | None = None) -> dict:
     """The per-pair rows of `evaluate_run` without writing anything: {"rows", "K", "group_names", "unknown_users",
     "non_finite"}. Each row also has `user` (the data's user value, or None)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mixdpo_ds.model.reference import FrozenReference
-    from mixdpo_ds.training.export import run_export_dir
+    from mixdpo_ds.training.export import export_model_config, export_tokenizer_dir, run_export_dir
 
     run = Path(run_dir)
     export = run_export_dir(run_dir)  # before any from_pretrained: a missing export would become a hub lookup
@@ -136,9 +136,9 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
     if group_column is not None:
         data_over.append(f"data.group_column={group_column}")
     cfg = load_config(run / "config.yaml", data_over + list(overrides or []))
-    check_lengths(AutoConfig.from_pretrained(str(export / "expert_0")), cfg.data)
+    check_lengths(export_model_config(export), cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(export / "expert_0"))
+    tokenizer = AutoTokenizer.from_pretrained(str(export_tokenizer_dir(export)))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = load_preference_data(cfg.data, tokenizer)

@@ -73,6 +73,23 @@ class StepRecord:
         return torch.cat([m.batch[key] for m in self.micro])
 
 
+def region_scale(step_kl, limit: Tensor, max_scale: float) -> Tensor:
+    """The scale s ∈ [0, max_scale] of a step with step_kl(s) ≈ limit (docs/math.md eq. 12.1), from s = 1.
+
+    step_kl(s) -> scalar tensor, the KL of the step scaled by s. A fixed number of refinements
+    s ← min(max_scale, s · sqrt(limit / KL(s))), no branch on the KL and no host sync: nearby inputs (another batch
+    split, another rank count: fp32 rounding) give nearby steps. A scale whose KL is still above 1.5 · limit did
+    not converge: 0, no step this time (the optimizer's moments still moved).
+    """
+    cap = torch.tensor(max_scale, device=limit.device)
+    scale = torch.ones((), device=limit.device)
+    kl = step_kl(scale)
+    for _ in range(TRUST_ITERATIONS):
+        scale = torch.minimum(cap, scale * (limit / kl.clamp_min(1e-30)).sqrt())
+        kl = step_kl(scale)
+    return torch.where(kl > 1.5 * limit, torch.zeros_like(scale), scale)
+
+
 def gate_mode(gate_kind: str, gate_update: str, has_parameters: bool) -> str:
     """Which of MODES runs, from the config: decided once at set-up."""
     if gate_update == "frozen":
@@ -161,7 +178,8 @@ class GateStep:
     def _trust_region_step(self, log_w: Tensor, margins: Tensor, feats: Tensor | None, users: Tensor) -> dict:
         """The optimizer's step, rescaled so the gate moves about ρ of the way to the posterior (docs/math.md §12):
         mean_i KL(w_i^new ‖ w_i) ≤ ρ² · mean_i KL(q_i ‖ w_i) over the global batch, the step lengthened up to
-        `trust_max_scale` times when it falls short.
+        `trust_max_scale` times when it falls short (with gate.trust_max_scale's default, 1000, the region, not
+        gate.lr, sets the step).
 
         While the experts are alike q ≈ w, so the right side is ≈ 0 and the gate stays where it is, whatever its
         learning rate: it cannot commit to an assignment the experts' likelihoods do not support. KL grows about as
@@ -176,21 +194,13 @@ class GateStep:
         limit = self.trust_region ** 2 * info
 
         def step_kl(scale: Tensor) -> Tensor:
+            """Sets the gate to old + scale · delta; returns mean_i KL(w_i^new ‖ w_i) over the global batch."""
             for p, p0, d in zip(params, old, delta, strict=True):
                 p.copy_(p0 + scale.to(p.dtype) * d)
             new_log_w = self.log_w(feats, users.to(log_w.device), log_w.shape[0])
             return all_reduce_mean((new_log_w.exp() * (new_log_w - log_w)).sum(-1).mean().float())
 
-        # A fixed number of refinements, no branch on the KL and no host sync: nearby inputs (another batch split,
-        # another rank count: fp32 rounding) give nearby steps.
-        cap = torch.tensor(self.trust_max_scale, device=info.device)
-        scale = torch.ones((), device=info.device)
-        kl = step_kl(scale)
-        for _ in range(TRUST_ITERATIONS):
-            scale = torch.minimum(cap, scale * (limit / kl.clamp_min(1e-30)).sqrt())
-            kl = step_kl(scale)
-        # did not converge: no gate step this time (the optimizer's moments still moved)
-        scale = torch.where(kl > 1.5 * limit, torch.zeros_like(scale), scale)
+        scale = region_scale(step_kl, limit, self.trust_max_scale)
         kl = step_kl(scale)
         return {"gate/information": info, "gate/step_kl": kl, "gate/step_scale": scale}
 

@@ -6,8 +6,8 @@
 
 Exact mixture sampling: π_mix(y | x) = Σ_k w_k(x) π_k(y | x), so drawing z ~ Categorical(w(x)) and then
 y ~ π_z(· | x) samples π_mix exactly (ancestral sampling). Each expert is the exported standalone
-Hugging Face model, decoded with `generate`. A `moe` gate reads the hidden state of expert 0's trunk at
-the last prompt token, as in training.
+Hugging Face model (from a compact-only export: the trunk + head z as one causal LM), decoded with `generate`.
+A `moe` gate reads the hidden state of expert 0's trunk at the last prompt token, as in training.
 
 A prompt longer than the model's positions minus --max-new-tokens keeps its last tokens (after the tokenizer's
 own prefix, e.g. BOS), as training truncates prompts, with a warning; an empty prompt is an error. A --user in the
@@ -31,7 +31,7 @@ def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None,
                  user_features: dict | None = None) -> tuple[torch.Tensor, int]:
     """(w (K,), K) for one prompt (1, T) from the exported gate (uniform when the export has none). A gate on user
     features routes by `user_features` (column → value) when given, else by --user's row of the training users."""
-    from mixdpo_ds.training.export import load_expert, load_export_gate
+    from mixdpo_ds.training.export import load_export_gate, load_trunk
 
     gate, meta = load_export_gate(str(export))
     if gate is None:
@@ -41,7 +41,7 @@ def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None,
         return torch.full((K,), 1.0 / K), K
     feats = None
     if getattr(gate.cfg, "uses_prompt", False):
-        trunk = load_expert(str(export), 0).base_model
+        trunk = load_trunk(str(export))
         feats = trunk(input_ids=input_ids).last_hidden_state[:, -1].float()  # (1, H)
     if user_features is not None and getattr(gate.cfg, "uses_user_features", False):
         log_w = gate.eval()(feats, torch.tensor([-1]), batch_size=1,
@@ -107,11 +107,11 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
              user: str | None = None, seed: int = 0, greedy: bool = False, user_features: dict | None = None) -> dict:
     """Pick an expert (fixed, top-1 or sampled from w(x)) and decode `prompt` with it; returns a dict with
     `expert`, `route`, `w`, `completion`."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mixdpo_ds.training.data import model_positions
     from mixdpo_ds.training.data_rows import Encoder
-    from mixdpo_ds.training.export import load_expert, run_export_dir
+    from mixdpo_ds.training.export import export_model_config, export_tokenizer_dir, load_expert, run_export_dir
 
     if route not in ("sample", "top1"):
         raise ValueError(f"--route must be one of ['sample', 'top1'], got {route!r}")
@@ -120,10 +120,10 @@ def generate(run_dir: str, prompt: str, expert: int | None = None, route: str = 
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     export = run_export_dir(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(export / "expert_0"))
+    tokenizer = AutoTokenizer.from_pretrained(str(export_tokenizer_dir(export)))
     prefix = Encoder(tokenizer).prefix  # with the tokenizer's own prefix (BOS), as data.py does
     ids = tokenizer(prompt)["input_ids"]
-    found = model_positions(AutoConfig.from_pretrained(str(export / "expert_0")))
+    found = model_positions(export_model_config(export))
     ids = fit_prompt(list(ids), found[0] if found else None, max_new_tokens, keep_prefix=len(prefix))
     enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     stored = stored_user_weights(run_dir, user)

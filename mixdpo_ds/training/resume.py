@@ -22,7 +22,8 @@ HARMLESS = frozenset({
     "train.reference_cache_dir", "train.output_dir", "train.dist_timeout_s", "train.nonfinite",
     # trackers, hub upload and export form; activation checkpointing recomputes the same values; tokenising workers
     "train.report_to", "train.run_name", "train.push_to_hub", "train.hub_model_id", "train.hub_private_repo",
-    "train.export_merged", "train.gradient_checkpointing", "data.num_proc",
+    "train.export_merged", "train.export_format", "train.export_max_shard_size", "train.gradient_checkpointing",
+    "data.num_proc",
 })
 
 

@@ -30,7 +30,6 @@ import torch
 from mixdpo_ds.core.em import tau_at
 from mixdpo_ds.core.losses import MixDPOOutput, chosen_nll
 from mixdpo_ds.kernels import mbt_loss
-from mixdpo_ds.model.reference import PolicyReference
 from mixdpo_ds.training import checkpoint as ckpt
 from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, model_inputs, num_batches
 from mixdpo_ds.training.build import (
@@ -48,7 +47,9 @@ from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.draws import row_positions, step_draws
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
+from mixdpo_ds.training.memory import write_memory_report
 from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
+from mixdpo_ds.training.plan import log_plan
 from mixdpo_ds.training.repair import SplitRepair
 from mixdpo_ds.training.resume import load_newest_intact
 from mixdpo_ds.training.run_dir import finished_step, mark_finished, take_lock
@@ -100,6 +101,8 @@ class MixDPOTrainer:
         ds_config = build_deepspeed_config(cfg.deepspeed.config, t.micro_batch_size, t.grad_accum, self.world,
                                            cfg.model.dtype, cfg.deepspeed.zero_stage, t.gradient_clipping)
         self.zero_stage = zero_stage_of(ds_config)
+        if self.rank == 0:
+            log_plan(cfg, self.world)  # the per-rank memory estimate (training/plan.py, docs/scaling.md)
         if self.zero_stage == 3:  # must stay alive while from_pretrained runs (docs/deepspeed.md §4)
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
@@ -109,10 +112,12 @@ class MixDPOTrainer:
         num_users = cfg.gate.num_users if cfg.gate.num_users is not None else len(self.data.user_vocab)
         gate = build_gate(cfg.gate, self.K, policy.config.hidden_size, num_users, seed=t.seed)
         attach_user_features(gate, cfg, self.data.user_vocab)  # gate.user_features: the users' feature table
-        self.reference, self.ref_tables = build_reference(cfg, policy, self.data, self.zero_stage, self.rank,
-                                                          self._collate, self.out_dir, dtype)
         self.engine, self.optimizer, self.lr_scheduler = build_engine(policy, cfg, ds_config, self.total_steps)
         self.device = self.engine.device
+        # after the engine: under ZeRO-3 the reference runs through an engine (docs/deepspeed.md §7); before the
+        # checkpoint is loaded (the tables are the initial, frozen reference's)
+        self.reference, self.ref_tables = build_reference(cfg, self.engine, self.data, self.zero_stage, self.rank,
+                                                          self.world, self._collate, self.out_dir, dtype, ds_config)
         self.gate = gate.to(self.device)
         self.gate_step = GateStep(self.gate, cfg.gate.kind, em.gate_update, em.refresh, cfg.gate.lr,
                                   lr_multiplier(t, self.total_steps), self.world,
@@ -140,6 +145,8 @@ class MixDPOTrainer:
                                     truncate_after=self.step if resume is not None else None)
         if self.rank == 0 and not self.finished:
             self.cfg.to_yaml(self.out_dir / "config.yaml")
+        if not self.finished:  # per-rank tensor bytes and peak RSS of each stage (docs/scaling.md)
+            write_memory_report(self.out_dir, self.rank, "setup", self.engine.module, self.optimizer)
 
     def _run_identity(self) -> dict:
         """What a resumed run must share with its checkpoint (training/resume.py)."""
@@ -168,7 +175,7 @@ class MixDPOTrainer:
         B = batch["index"].shape[0]
         if self.ref_tables is not None:
             return self.ref_tables[split][batch["index"]].to(self.device)
-        if out is not None and out.ref_logps is not None and isinstance(self.reference, PolicyReference):
+        if out is not None and out.ref_logps is not None and self.reference.builtin:
             return as_pairs(out.ref_logps, B)  # computed in the policy's own forward (frozen-trunk heads)
         return as_pairs(self.reference.logps(batch).to(self.device), B)
 
@@ -318,7 +325,9 @@ class MixDPOTrainer:
             log.warning(verdict)
         self.evaluate()
         self.save_checkpoint()
+        write_memory_report(self.out_dir, self.rank, "trained", self.engine.module, self.optimizer)
         self.finish()
+        write_memory_report(self.out_dir, self.rank, "exported")
         self.callbacks.on_train_end(self)
 
     def log_metrics(self, tokens: int, elapsed: float) -> dict[str, float]:

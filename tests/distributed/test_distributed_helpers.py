@@ -51,8 +51,8 @@ def test_global_reductions_two_ranks():
 
 
 def test_init_distributed_maps_slurm_variables():
-    """Under `srun` (launch/slurm.sbatch) RANK / WORLD_SIZE / LOCAL_RANK come from SLURM_PROCID / SLURM_NTASKS /
-    SLURM_LOCALID; one task here, so rank 0 of 1 with LOCAL_RANK 0."""
+    """Under `srun` without the launcher (the alternative in launch/slurm.sbatch's header) RANK / WORLD_SIZE /
+    LOCAL_RANK come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; one task here, so rank 0 of 1, LOCAL_RANK 0."""
     import socket
     import subprocess
     import sys

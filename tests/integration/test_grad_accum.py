@@ -41,8 +41,11 @@ MODES = {
 }
 # gate.trust_region (docs/math.md §12) scales each gate step by the information I of the step's posterior. With
 # experts still alike, I is a function of the differences between nearly equal expert margins, so fp32 rounding of
-# the margins (~1e-7) shows in the step's length at ~2% of it. The EM accounting is checked exactly with the
-# region off; with it on, to 5% of the gate's movement.
+# the margins (~1e-7) shows in the step's length at a few % of it. The EM accounting is checked exactly with the
+# region off; with it on, to 5% of the gate's movement (measured 3.2% / 3.9% for weight / bias at ρ = 0.3, with
+# gate.trust_max_scale 1 and its default 1000 alike: at ρ = 0.3 every step of this run is shortened). At the default
+# ρ = 0.1 the two batch shapes differ by 25-35% of the gate's 3-step movement (1e-4): not an accounting error, the
+# region's length amplifying rounding while I ≈ 0, so this test keeps ρ = 0.3.
 TRUST_OFF = {"gate.trust_region": 0.0}
 
 
@@ -72,7 +75,7 @@ def test_grad_accum_equals_one_big_micro_batch(tiny_gpt2_dir, prefs_jsonl, tmp_p
     assert big.keys() == acc.keys() and big_gate.keys() == acc_gate.keys()
     for k in big_gate:
         moved = float((big_gate[k] - init_gate[k]).abs().max())
-        atol = 5e-2 * moved if settings["gate.trust_region"] else 1e-6  # measured: 2% (of 3.7e-4)
+        atol = 5e-2 * moved if settings["gate.trust_region"] else 1e-6  # measured: 3.2% (of 3.7e-4)
         torch.testing.assert_close(acc_gate[k], big_gate[k], atol=atol, rtol=0, msg=f"gate {k}")
     for n in big:
         torch.testing.assert_close(acc[n], big[n], atol=1e-6, rtol=0, msg=n)

@@ -91,3 +91,16 @@ def test_refuses_gumbel_and_ignored_targets():
     targets[0] = -100
     with pytest.raises(ValueError, match="response tokens only"):
         fused_policy_loss(hidden, heads, targets, rows, ref, log_w, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_underflowed_target_probability(dtype):
+    """A target far below its row's max (softmax underflows to 0 there): log p_t still equals naive's z_t − lse,
+    from the row's argmax (kernels/fused_policy_loss.py `softmax_target_`)."""
+    hidden, heads, targets, rows, ref, log_w = make_batch(3, 4, 11, 2, dtype=dtype, seed=5)
+    heads[1, targets[0]] = -hidden[0] * (3000.0 if dtype == torch.float64 else 300.0) / hidden[0].square().sum()
+    expected = run(naive, hidden, heads, targets, rows, ref, log_w, 0.1)
+    out = run(fused_policy_loss, hidden, heads, targets, rows, ref, log_w, 0.1)
+    assert expected["policy_logps"].min() < (-1000 if dtype == torch.float64 else -150)
+    for name in expected:
+        torch.testing.assert_close(out[name], expected[name], msg=name)

@@ -88,3 +88,50 @@ def test_trust_region_lengthens_a_short_step_up_to_its_cap():
     assert scale > 10  # lengthened well past the optimizer's step (the cap, 1e6, is not what stopped it)
     assert scale < 1e6
     assert kl_moved(grown) == pytest.approx(target, rel=0.25)
+
+
+def test_region_scale_solves_a_quadratic_kl_in_one_refinement():
+    """KL(s) = 0.02 s² and limit 0.08: s = 1 → 1·sqrt(0.08 / 0.02) = 2 exactly (KL(2) = 0.08 = limit), then stays;
+    the cap 1.5 stops it at 1.5; a KL that cannot come within 1.5 × the limit gives 0 (no step)."""
+    import torch
+
+    from mixdpo_ds.training.gate_step import region_scale
+
+    def quad(s):
+        return 0.02 * s ** 2
+
+    limit = torch.tensor(0.08)
+    assert float(region_scale(quad, limit, 10.0)) == pytest.approx(2.0, rel=1e-6)
+    assert float(region_scale(quad, limit, 1.5)) == pytest.approx(1.5, rel=1e-6)
+    assert float(region_scale(lambda s: 0.2 + 0 * s, limit, 10.0)) == 0.0  # KL 0.2 > 1.5 · 0.08 at every scale
+
+
+
+def test_the_default_region_sets_the_step_whatever_the_learning_rate():
+    """gate.trust_region's and gate.trust_max_scale's defaults (ρ = 0.1, 1000): the first AdamW step is lr · g/|g|,
+    so lr = 1e-3 and lr = 0.3 point the same way, and the region lengthens the one and shortens the other to the
+    same step, mean KL(w_new ‖ w) = ρ² · 0.130812 (the ±ln 3 margins of the test above)."""
+    import math
+
+    import torch
+
+    cfg = GateConfig()
+    m = math.log(3.0)
+    margins = torch.tensor([[m, -m], [m, -m], [-m, m], [-m, m]])
+    moved, scales = [], []
+    for lr in (1e-3, 0.3):
+        step, users, log_w = _user_gate_step(rho=cfg.trust_region, max_scale=cfg.trust_max_scale, lr=lr)
+        out = step._trust_region_step(log_w, margins, None, users)
+        assert float(out["gate/step_kl"]) == pytest.approx(0.01 * 0.130812, rel=0.05)
+        moved.append(step.log_w(None, users, 4))
+        scales.append(float(out["gate/step_scale"]))
+    assert scales[0] > 1 > scales[1]  # measured 6.92 and 0.0231: 300 × apart, as the learning rates
+    assert scales[0] * 1e-3 == pytest.approx(scales[1] * 0.3, rel=1e-3)
+    assert float((moved[0] - log_w).abs().max()) > 0.05  # the step is not ~0 (measured 0.069)
+    torch.testing.assert_close(moved[0], moved[1], atol=1e-6, rtol=0)  # measured 6e-8
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_trust_max_scale_must_be_positive(bad):
+    with pytest.raises(ValueError, match=r"gate.trust_max_scale=.*must be > 0"):
+        GateConfig(kind="moe", trust_max_scale=bad)

@@ -1,0 +1,104 @@
+"""What a rank holds, measured: the bytes of its parameter shards, gradients and optimizer states, and the process's
+resident memory (docs/scaling.md "Measured").
+Gradients: the `.grad` of the model's parameters and of the master partitions (DeepSpeed's own reduce buckets are
+not tensors we can see; docs/scaling.md counts them).
+
+`MemoryReport` is taken at the end of set-up and again at the end of training (and after the export); each rank
+writes `run_dir/memory/rank{r}.json`. Tensor bytes are counted from the tensors themselves, so they are exact:
+under ZeRO-3 a parameter's bytes are its partition (`ds_tensor`), not the full tensor; optimizer states are the
+tensors in the innermost torch optimizer's `state`, and master weights are its parameters that are not the model's
+own (ZeRO keeps fp32 flat partitions). Resident memory is the kernel's VmRSS / VmHWM (Linux), in MiB.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def _status_mib(field: str) -> float | None:
+    """VmRSS / VmHWM of this process in MiB (None where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_mib() -> float | None:
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float | None:
+    return _status_mib("VmHWM")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _inner_optimizer(optimizer):
+    """The torch.optim.Optimizer under DeepSpeed's wrappers (ZeRO optimizers keep it as `.optimizer`)."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
+    """This rank's bytes of parameters (ZeRO-3: its partitions), trainable parameters, gradients, optimizer states
+    and master weights."""
+    params = trainable = grads = 0
+    model_ptrs = set()
+    for p in module.parameters():
+        shard = getattr(p, "ds_tensor", None)
+        held = shard if shard is not None else p
+        params += _nbytes(held)
+        trainable += _nbytes(held) if p.requires_grad else 0
+        if p.grad is not None:
+            grads += _nbytes(p.grad)
+        model_ptrs.add(p.data_ptr())
+    states = master = 0
+    inner = _inner_optimizer(optimizer)
+    if inner is not None:
+        for state in inner.state.values():
+            states += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p.data_ptr() not in model_ptrs:
+                    master += _nbytes(p)
+                    grads += _nbytes(p.grad) if p.grad is not None else 0  # ZeRO: the partition's fp32 gradient
+    return {"param_bytes": params, "trainable_param_bytes": trainable, "grad_bytes": grads,
+            "optimizer_state_bytes": states, "master_weight_bytes": master}
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak: VmHWM := VmRSS (Linux ≥ 4.0, `echo 5 > /proc/self/clear_refs`); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_memory_report(out_dir: Path, rank: int, stage: str, module=None, optimizer=None) -> dict:
+    """Add `stage` (e.g. "setup", "trained", "exported") to `out_dir/memory/rank{rank}.json` and start a new peak,
+    so each stage's `peak_rss_mib` is the peak since the previous stage; returns the entry."""
+    entry = {"rss_mib": rss_mib(), "peak_rss_mib": peak_rss_mib()}
+    if module is not None:
+        entry.update(tensor_bytes(module, optimizer))
+    path = Path(out_dir) / "memory" / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report[stage] = entry
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    reset_peak_rss()
+    return entry

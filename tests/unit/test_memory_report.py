@@ -1,0 +1,61 @@
+"""training/memory.py: the per-rank tensor bytes are counted exactly (hand-computed sizes) and written per stage."""
+import json
+
+import torch
+
+from mixdpo_ds.training.memory import tensor_bytes, write_memory_report
+
+
+def _model():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2, bias=False))  # 12+4 and 8 params
+    model[1].weight.requires_grad_(False)
+    return model
+
+
+def test_tensor_bytes_counts_params_grads_and_adam_states():
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = tensor_bytes(model, opt)
+    assert before == {"param_bytes": 24 * 4, "trainable_param_bytes": 16 * 4, "grad_bytes": 0,
+                      "optimizer_state_bytes": 0, "master_weight_bytes": 0}
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    after = tensor_bytes(model, opt)
+    # AdamW: exp_avg + exp_avg_sq per trainable value (the 0-dim step counters are not counted); its params are the
+    # model's own, so no master weights
+    assert after["grad_bytes"] == 16 * 4 and after["optimizer_state_bytes"] == 2 * 16 * 4
+    assert after["master_weight_bytes"] == 0
+
+
+def test_master_weights_are_the_optimizers_own_copies():
+    model = _model()
+    master = [p.detach().clone().double().requires_grad_() for p in model.parameters() if p.requires_grad]
+
+    class Wrapper:  # DeepSpeed's ZeRO optimizers hold the torch optimizer as .optimizer
+        optimizer = torch.optim.SGD(master, lr=0.1)
+
+    assert tensor_bytes(model, Wrapper())["master_weight_bytes"] == 16 * 8
+
+
+def test_partitioned_parameters_count_their_shard():
+    model = _model()
+    model[0].weight.ds_tensor = torch.zeros(6)  # a ZeRO-3 partition: half of the 12 values
+    assert tensor_bytes(model)["param_bytes"] == (6 + 4 + 8) * 4
+
+
+def test_report_keeps_every_stage(tmp_path):
+    write_memory_report(tmp_path, 1, "setup", _model())
+    write_memory_report(tmp_path, 1, "trained")
+    report = json.loads((tmp_path / "memory" / "rank1.json").read_text())
+    assert set(report) == {"setup", "trained"} and report["setup"]["param_bytes"] == 96
+    assert report["trained"]["peak_rss_mib"] >= report["trained"]["rss_mib"] > 0
+
+
+def test_each_stage_has_its_own_peak(tmp_path):
+    write_memory_report(tmp_path, 0, "setup")
+    blob = bytearray(200 << 20)  # touch 200 MiB, then free it: the next stage's peak sees it, the one after not
+    blob[:: 4096] = b"x" * len(blob[:: 4096])
+    del blob
+    second = write_memory_report(tmp_path, 0, "trained")
+    third = write_memory_report(tmp_path, 0, "exported")
+    assert second["peak_rss_mib"] - third["peak_rss_mib"] > 150

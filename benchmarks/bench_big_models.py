@@ -47,7 +47,7 @@ SHAPES = {  # GPT-2 shapes: 1.11 B (20 × 2048) and 354 M (GPT-2 medium, 24 × 1
 }
 COMMON = ["deepspeed.config=zero3", "train.gradient_clipping=0", "train.plots=false", "train.progress_bar=false",
           "train.log_every=1", "train.keep_last=1", "train.eval_every=0", "data.group_column=objective",
-          f"data.path={DATA}", "loss.beta=0.1", "train.lr=1e-4"]
+          f"data.path={DATA}", "loss.beta=0.1", "train.lr=1e-4", "train.export_max_shard_size=500MB"]
 SCENARIOS = {
     "heads": ("1b", ["experts.kind=heads", "experts.num_experts=3", "experts.trunk=frozen", "experts.init_noise=0.01",
                      "train.micro_batch_size=2", "data.max_length=64", "data.max_prompt_length=48",
@@ -207,20 +207,22 @@ def _row(name: str, ranks: int, res: dict, plan: float | None) -> str:
             f"{f'{peak_train / plan:.2f}' if plan and peak_train else '–'} | {res['wall_s']:.0f} |")
 
 
-def run_scenario(name: str, work: Path) -> tuple[list[str], dict]:
+def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True) -> tuple[list[str], dict]:
     shape, overrides, variants = SCENARIOS[name]
     model = build_model(shape, work)
     base = [*COMMON, f"model.name_or_path={model}", *overrides]
     out = work / f"run-{name}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    killed = _launch(2, out, base, kill_at_step=2)
+    killed = _launch(2, out, base, kill_at_step=2) if kill else {"killed": None}
     resumed = _launch(2, out, base)
     steps = _steps(out)
     diff = export_check(out)
-    one = _launch(1, work / f"run-{name}-1rank", [*base, "train.max_steps=2", "train.save_every=0",
-                                                      "train.export=false"])
-    rows = [_row("2 ranks, resumed run", 2, resumed, _plan_mib(base, 2)),
-            _row("1 rank", 1, one, _plan_mib(base, 1))]
+    rows = [_row("2 ranks, resumed run" if kill else "2 ranks", 2, resumed, _plan_mib(base, 2))]
+    one = None
+    if one_rank:
+        one = _launch(1, work / f"run-{name}-1rank", [*base, "train.max_steps=2", "train.save_every=0",
+                                                          "train.export=false"])
+        rows.append(_row("1 rank", 1, one, _plan_mib(base, 1)))
     extra = {}
     for vname, vover in variants.items():
         res = _launch(2, work / f"run-{name}-{vname}", [*base, *vover, "train.max_steps=2", "train.save_every=0",
@@ -230,7 +232,8 @@ def run_scenario(name: str, work: Path) -> tuple[list[str], dict]:
     summary = {"killed_after_checkpoint": killed["killed"], "resumed_from": resumed["resumed_from"],
                "resumed_steps": [r["step"] for r in steps],
                "losses": [round(r["loss"], 6) for r in steps], "export_max_rel_diff": diff,
-               "state_ratio_2_vs_1": _state_ratio(resumed, one), "activation": _activation(resumed, extra)}
+               "state_ratio_2_vs_1": _state_ratio(resumed, one) if one else None,
+               "activation": _activation(resumed, extra)}
     return rows, summary
 
 
@@ -267,17 +270,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     p.add_argument("--work", default="/tmp/mixdpo_big")
     p.add_argument("--append", default=None)
+    p.add_argument("--no-kill", action="store_true", help="one uninterrupted run instead of kill + resume")
+    p.add_argument("--no-one-rank", action="store_true", help="skip the 1-rank comparison run")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows, summary = run_scenario(args.scenario, work)
+    rows, summary = run_scenario(args.scenario, work, kill=not args.no_kill, one_rank=not args.no_one_rank)
     shape, overrides, _ = SCENARIOS[args.scenario]
     report = "\n".join([
         f"### Big models on CPU ranks: {args.scenario} — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"- machine: {machine()}; commit: {commit()}",
-        f"- command: `python benchmarks/bench_big_models.py {args.scenario}`; GPT-2 {shape} "
+        f"- command: `python benchmarks/bench_big_models.py {' '.join(sys.argv[1:])}`; GPT-2 {shape} "
         f"({SHAPES[shape]}, V = 50,257, random init), ZeRO-3, fp32, {' '.join(overrides)}; "
         f"whole command {time.time() - t0:.0f} s",
         "",
@@ -286,11 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Checkpoint at step 2, SIGKILL, resume: killed {summary['killed_after_checkpoint']}, resumed from step "
-        f"{summary['resumed_from']}, steps logged "
-        f"{summary['resumed_steps']}, losses {summary['losses']}. Exported experts loaded with from_pretrained: "
-        f"max relative log-prob difference to the engine {summary['export_max_rel_diff']:.2e}. Per-rank parameter + "
-        f"optimizer bytes, 2 ranks / 1 rank: {summary['state_ratio_2_vs_1']:.3f}."
+        (f"Checkpoint at step 2, SIGKILL, resume: killed {summary['killed_after_checkpoint']}, resumed from step "
+         f"{summary['resumed_from']}. " if not args.no_kill else "One uninterrupted run (no kill). ")
+        + f"Steps logged {summary['resumed_steps']}, losses {summary['losses']}. Exported experts loaded with "
+        f"from_pretrained: max relative log-prob difference to the engine {summary['export_max_rel_diff']:.2e}."
+        + (f" Per-rank parameter + optimizer bytes, 2 ranks / 1 rank: {summary['state_ratio_2_vs_1']:.3f}."
+           if summary["state_ratio_2_vs_1"] else "")
         + (f" Activations (training-phase peak RSS above the RSS after training, worst rank): checkpointing on "
            f"{summary['activation']['gc_on_mib']:.0f} MiB, off {summary['activation']['gc_off_mib']:.0f} MiB "
            f"(off / on = {summary['activation']['ratio_off_over_on']:.1f})." if summary["activation"] else ""),

@@ -24,7 +24,6 @@ import datetime
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -143,9 +142,8 @@ def _launch(ranks: int, out: Path, overrides: list[str], kill_at_step: int | Non
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log: {log.name}\n"
                            + Path(log.name).read_text()[-4000:])
     memory = {p.stem: json.loads(p.read_text()) for p in sorted((out / "memory").glob("rank*.json"))}
-    resumed = re.search(r"resumed from \S+ at step (\d+)", Path(log.name).read_text())
     return {"wall_s": time.time() - t0, "killed": killed, "memory": memory,
-            "resumed_from": int(resumed.group(1)) if resumed else None}
+            "checkpoints": [step for step, _ in list_checkpoints(out)]}
 
 
 def _steps(out: Path) -> list[dict]:
@@ -229,7 +227,7 @@ def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True
                                                         "train.export=false"])
         rows.append(_row(f"2 ranks, {vname}", 2, res, _plan_mib([*base, *vover], 2)))
         extra[vname] = res
-    summary = {"killed_after_checkpoint": killed["killed"], "resumed_from": resumed["resumed_from"],
+    summary = {"killed_after_checkpoint": killed["killed"], "resumed_from": max(killed.get("checkpoints") or [0]),
                "resumed_steps": [r["step"] for r in steps],
                "losses": [round(r["loss"], 6) for r in steps], "export_max_rel_diff": diff,
                "state_ratio_2_vs_1": _state_ratio(resumed, one) if one else None,
@@ -291,8 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        (f"Checkpoint at step 2, SIGKILL, resume: killed {summary['killed_after_checkpoint']}, resumed from step "
-         f"{summary['resumed_from']}. " if not args.no_kill else "One uninterrupted run (no kill). ")
+        (f"Checkpoint at step 2, SIGKILL, resume: killed {summary['killed_after_checkpoint']}, the relaunch "
+         f"resumes from the newest complete checkpoint, step {summary['resumed_from']}. "
+         if not args.no_kill else "One uninterrupted run (no kill). ")
         + f"Steps logged {summary['resumed_steps']}, losses {summary['losses']}. Exported experts loaded with "
         f"from_pretrained: max relative log-prob difference to the engine {summary['export_max_rel_diff']:.2e}."
         + (f" Per-rank parameter + optimizer bytes, 2 ranks / 1 rank: {summary['state_ratio_2_vs_1']:.3f}."

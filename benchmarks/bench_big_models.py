@@ -24,6 +24,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,7 +47,8 @@ SHAPES = {  # GPT-2 shapes: 1.11 B (20 × 2048) and 354 M (GPT-2 medium, 24 × 1
 }
 COMMON = ["deepspeed.config=zero3", "train.gradient_clipping=0", "train.plots=false", "train.progress_bar=false",
           "train.log_every=1", "train.keep_last=1", "train.eval_every=0", "data.group_column=objective",
-          f"data.path={DATA}", "loss.beta=0.1", "train.lr=1e-4", "train.export_max_shard_size=500MB"]
+          f"data.path={DATA}", "loss.beta=0.1", "train.lr=1e-4", "train.export_max_shard_size=500MB",
+          "train.resume_from=auto"]  # the relaunch after the kill resumes from the newest complete checkpoint
 SCENARIOS = {
     "heads": ("1b", ["experts.kind=heads", "experts.num_experts=3", "experts.trunk=frozen", "experts.init_noise=0.01",
                      "train.micro_batch_size=2", "data.max_length=64", "data.max_prompt_length=48",
@@ -142,8 +144,10 @@ def _launch(ranks: int, out: Path, overrides: list[str], kill_at_step: int | Non
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log: {log.name}\n"
                            + Path(log.name).read_text()[-4000:])
     memory = {p.stem: json.loads(p.read_text()) for p in sorted((out / "memory").glob("rank*.json"))}
+    resumed = re.search(r"resumed from \S+ at step (\d+)", Path(log.name).read_text())
     return {"wall_s": time.time() - t0, "killed": killed, "memory": memory,
-            "checkpoints": [step for step, _ in list_checkpoints(out)]}
+            "checkpoints": [step for step, _ in list_checkpoints(out)],
+            "resumed_from": int(resumed.group(1)) if resumed else None}  # the trainer's log line on rank 0
 
 
 def _steps(out: Path) -> list[dict]:
@@ -227,7 +231,7 @@ def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True
                                                         "train.export=false"])
         rows.append(_row(f"2 ranks, {vname}", 2, res, _plan_mib([*base, *vover], 2)))
         extra[vname] = res
-    summary = {"killed_after_checkpoint": killed["killed"], "resumed_from": max(killed.get("checkpoints") or [0]),
+    summary = {"killed_after_checkpoint": killed["killed"], "resumed_from": resumed["resumed_from"],
                "resumed_steps": [r["step"] for r in steps],
                "losses": [round(r["loss"], 6) for r in steps], "export_max_rel_diff": diff,
                "state_ratio_2_vs_1": _state_ratio(resumed, one) if one else None,
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         *rows,
         "",
         (f"Checkpoint at step 2, SIGKILL, resume: killed {summary['killed_after_checkpoint']}, the relaunch "
-         f"resumes from the newest complete checkpoint, step {summary['resumed_from']}. "
+         f"logged 'resumed from … at step {summary['resumed_from']}'. "
          if not args.no_kill else "One uninterrupted run (no kill). ")
         + f"Steps logged {summary['resumed_steps']}, losses {summary['losses']}. Exported experts loaded with "
         f"from_pretrained: max relative log-prob difference to the engine {summary['export_max_rel_diff']:.2e}."

@@ -147,7 +147,15 @@ def _plan(args) -> int:
     # with a preset the path is only a placeholder (nothing is loaded); the command line's own overrides still win
     placeholder = [f"model.name_or_path={args.model}"] if args.model else []
     cfg = load_config(args.config, placeholder + list(args.overrides))
-    print(format_plan(plan_memory(cfg, args.world_size, args.model)))
+    try:
+        plan = plan_memory(cfg, args.world_size, args.model)
+    except OSError as e:  # no config.json there and no hub: say so in one line, not transformers' traceback
+        from mixdpo_ds.training.plan import PRESETS
+
+        raise SystemExit(f"mixdpo plan: cannot read the model config of model.name_or_path="
+                         f"{cfg.model.name_or_path!r} ({str(e).splitlines()[0]}); give a local model directory or "
+                         f"--model with one of {list(PRESETS)}") from None
+    print(format_plan(plan))
     return 0
 
 

@@ -11,6 +11,7 @@ own (ZeRO keeps fp32 flat partitions). Resident memory is the kernel's VmRSS / V
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -75,6 +76,16 @@ def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
                     grads += _nbytes(p.grad) if p.grad is not None else 0  # ZeRO: the partition's fp32 gradient
     return {"param_bytes": params, "trainable_param_bytes": trainable, "grad_bytes": grads,
             "optimizer_state_bytes": states, "master_weight_bytes": master}
+
+
+def release_free_heap() -> bool:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim(0)`): loading a model under ZeRO-3 reads whole
+    tensors and keeps only each rank's partition, and glibc keeps the freed pages resident; False where there is
+    no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def reset_peak_rss() -> bool:

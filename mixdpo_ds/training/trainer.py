@@ -47,7 +47,7 @@ from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.draws import row_positions, step_draws
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
-from mixdpo_ds.training.memory import write_memory_report
+from mixdpo_ds.training.memory import release_free_heap, write_memory_report
 from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
 from mixdpo_ds.training.plan import log_plan
 from mixdpo_ds.training.repair import SplitRepair
@@ -145,6 +145,7 @@ class MixDPOTrainer:
                                     truncate_after=self.step if resume is not None else None)
         if self.rank == 0 and not self.finished:
             self.cfg.to_yaml(self.out_dir / "config.yaml")
+        release_free_heap()  # what loading and partitioning freed (training/memory.py)
         if not self.finished:  # per-rank tensor bytes and peak RSS of each stage (docs/scaling.md)
             write_memory_report(self.out_dir, self.rank, "setup", self.engine.module, self.optimizer)
 

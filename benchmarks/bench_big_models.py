@@ -57,7 +57,7 @@ SCENARIOS = {
                     "train.micro_batch_size=1", "data.max_length=40", "data.max_prompt_length=24",
                     "train.max_steps=3", "train.save_every=2"], {}),
     "trunk": ("350m", ["experts.kind=heads", "experts.num_experts=3", "experts.trunk=trainable",
-                       "experts.init_noise=0.01", "train.micro_batch_size=4", "data.max_length=128",
+                       "experts.init_noise=0.01", "train.micro_batch_size=2", "data.max_length=128",
                        "data.max_prompt_length=64", "train.max_steps=3", "train.save_every=2"],
               {"gc_off": ["train.gradient_checkpointing=false"]}),
     "smoke": ("tiny", ["experts.kind=heads", "experts.num_experts=2", "train.micro_batch_size=2",

@@ -20,6 +20,7 @@ checkpoint left over from an abandoned run (resumed from an earlier step into th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+log = logging.getLogger("mixdpo_ds")
 ENGINE_TAG = "engine"
 STATE_FILE = "trainer_state.pt"
 RANK_RNG_FILE = "rng_rank{}.pt"  # every rank's own RNG states (dropout, sampling differ per rank)
@@ -174,6 +176,10 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     `step_N` directory or at a run / checkpoints directory (its latest checkpoint is used).
     """
     if resume_from is None:
+        if (found := find_latest(output_dir) if checkpoints_dir(output_dir).exists() else None) is not None:
+            log.warning("%s already holds checkpoints (newest: %s) and train.resume_from is null: this run starts "
+                        "from step 0 and will overwrite them. Set train.resume_from=auto to continue from the newest "
+                        "one.", output_dir, found.name)
         return None
     if resume_from == "auto":
         return find_latest(output_dir)

@@ -150,16 +150,7 @@ def run(out: Path, model: str, name: str, overrides: list[str]) -> None:
     mdist.barrier()
 
 
-def main(argv: list[str]) -> None:
-    from mixdpo_ds.training import distributed as mdist
-
-    torch.set_num_threads(1)
-    mdist.init_distributed()
-    out, model = Path(argv[0]), argv[1]
-    for spec in argv[2:]:
-        name, _, rest = spec.partition(":")
-        run(out, model, name, [kv for kv in rest.split(",") if kv])
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from trainer_worker import main
+
+    main(sys.argv[1:], run)

@@ -90,7 +90,9 @@ def run(out: Path, model: str, name: str, overrides: list[str]) -> None:
     mdist.barrier()
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], run_one=None) -> None:
+    """OUT MODEL NAME:key=val,... ...: one process group, `run_one(out, model, name, overrides)` per spec (default
+    `run`; export_worker.py and reference_worker.py pass their own)."""
     from mixdpo_ds.training import distributed as mdist
 
     torch.set_num_threads(1)
@@ -98,7 +100,7 @@ def main(argv: list[str]) -> None:
     out, model = Path(argv[0]), argv[1]
     for spec in argv[2:]:
         name, _, rest = spec.partition(":")
-        run(out, model, name, [kv.replace("{out}", str(out)) for kv in rest.split(",") if kv])
+        (run_one or run)(out, model, name, [kv.replace("{out}", str(out)) for kv in rest.split(",") if kv])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vs_trl.py --rounds 3 --steps 6            # V = 50,257; ~15 min on 2 shared cores
     python benchmarks/bench_vs_trl.py --vocab 4000 --rounds 3         # a small vocabulary
+    python benchmarks/bench_vs_trl.py --rounds 3 --configs "mixdpo K=1, trunk frozen" "mixdpo K=3 r=16, trunk frozen"
     add --append benchmarks/RESULTS.md to append the table (machine, commit, date, command).
 
 Model: a randomly initialised GPT-2 (4 layers × 256, the given vocabulary; no hub) over a local byte-level BPE
@@ -9,10 +10,13 @@ tokenizer (only the model's vocabulary size sets the LM-head cost). Data: 8 pair
 tokens and responses of about 60 (≤ 128 tokens a row, nothing truncated), fp32, one process, 2 torch threads.
 Configurations: TRL 1.16 DPOTrainer (sigmoid loss, the whole model trains, reference model in memory); mixdpo K = 1
 with a trainable trunk (the tied head stays tied: TRL's DPO exactly) and with a frozen trunk; mixdpo K = 3 heads on
-a frozen trunk. Each runs in its own process: s / step = median over the steps after the first 2 (warm-up), peak
-RSS = the process's VmHWM, wall = the whole command (imports, set-up, training). Rounds are interleaved (a load
-spike on the shared machine hits every configuration alike); the table gives median and range over rounds and the
-ratios against TRL measured in the same run.
+a frozen trunk; and the trainer's own paths (`--configs` picks them; the first listed is the baseline of the ratios):
+the default `loss.fused=auto` (the policy loss inside the heads' forward, no recompute) against `never` (chunked
+log-probs, then the loss) and the naive path, for full and low-rank (`experts.head_rank`) heads. Each runs in its
+own process: s / step = median over the steps after the first 2 (warm-up), peak RSS = the process's VmHWM, wall =
+the whole command (imports, set-up, training). Rounds are interleaved (a load spike on the shared machine hits every
+configuration alike); the table gives median and range over rounds, and the time ratios against the first
+configuration per round (median and worst round), measured in the same run.
 """
 from __future__ import annotations
 
@@ -34,6 +38,15 @@ CONFIGS = {  # name -> mixdpo overrides (None: TRL)
     "mixdpo K=1, trunk trainable": {"experts.num_experts": 1, "experts.trunk": "trainable"},
     "mixdpo K=1, trunk frozen": {"experts.num_experts": 1, "experts.trunk": "frozen"},
     "mixdpo K=3, trunk frozen": {"experts.num_experts": 3, "experts.trunk": "frozen"},
+    # the trainer's paths for K experts at the price of one (docs/math.md §16): loss.fused auto is the default above
+    "mixdpo K=1, trunk frozen, unfused": {"experts.num_experts": 1, "experts.trunk": "frozen", "loss.fused": "never"},
+    "mixdpo K=3, trunk frozen, unfused": {"experts.num_experts": 3, "experts.trunk": "frozen", "loss.fused": "never"},
+    "mixdpo K=3, trunk frozen, naive": {"experts.num_experts": 3, "experts.trunk": "frozen",
+                                        "experts.logprob_impl": "naive"},
+    "mixdpo K=3 r=16, trunk frozen": {"experts.num_experts": 3, "experts.trunk": "frozen", "experts.head_rank": 16},
+    "mixdpo K=3 r=64, trunk frozen": {"experts.num_experts": 3, "experts.trunk": "frozen", "experts.head_rank": 64},
+    "mixdpo K=3 r=16, trunk frozen, unfused": {"experts.num_experts": 3, "experts.trunk": "frozen",
+                                               "experts.head_rank": 16, "loss.fused": "never"},
 }
 PAIRS, MAX_LENGTH = 8, 128
 
@@ -160,14 +173,18 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
                 results[name].append(row)
     tokens = PAIRS * 2 * MAX_LENGTH  # ≤ this many tokens per step (rows of ≤ 128 tokens), the same for all
-    base = statistics.median(r["step_s"] for r in results[a.configs[0]])
-    base_m = statistics.median(r["peak_rss_mib"] for r in results[a.configs[0]])
-    lines = [f"| config | s / step (median, range) | tokens/s | × {a.configs[0]} tokens/s | peak RSS MiB (median, "
-             f"range) | × memory | wall s / command |", "|---|---|---|---|---|---|---|"]
+    first = results[a.configs[0]]
+    base_m = statistics.median(r["peak_rss_mib"] for r in first)
+    lines = [f"| config | s / step (median, range) | tokens/s | × {a.configs[0]} tokens/s (median, worst round) | "
+             f"× its step time (median, worst round) | peak RSS MiB (median, range) | × memory | wall s / command |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         t, m, w = ([r[k] for r in rows] for k in ("step_s", "peak_rss_mib", "wall_s"))
         med = statistics.median(t)
-        lines.append(f"| {name} | {med:.2f} ({min(t):.2f}-{max(t):.2f}) | {tokens / med:.0f} | {base / med:.2f} | "
+        per_round = [r["step_s"] / b["step_s"] for r, b in zip(rows, first, strict=True)]  # per round
+        lines.append(f"| {name} | {med:.2f} ({min(t):.2f}-{max(t):.2f}) | {tokens / med:.0f} | "
+                     f"{1 / statistics.median(per_round):.2f} ({1 / max(per_round):.2f}) | "
+                     f"{statistics.median(per_round):.2f} ({max(per_round):.2f}) | "
                      f"{statistics.median(m):.0f} ({min(m):.0f}-{max(m):.0f}) | {statistics.median(m) / base_m:.2f} | "
                      f"{statistics.median(w):.0f} |")
     sys.path.insert(0, HERE)
@@ -176,7 +193,8 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/bench_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
     now = datetime.datetime.now(datetime.timezone.utc)
     text = "\n".join([
-        f"### mixdpo-ds vs TRL DPOTrainer — {now:%Y-%m-%d %H:%M} UTC", "",
+        f"### {'mixdpo-ds vs TRL DPOTrainer' if 'TRL DPOTrainer' in a.configs else 'mixdpo-ds trainer paths'} — "
+        f"{now:%Y-%m-%d %H:%M} UTC", "",
         f"- machine: {_machine('cpu')}", f"- commit: {_commit()}", f"- command: `{cmd}`",
         f"- GPT-2 4 × 256 (random init), V = {a.vocab}, {PAIRS} pairs/step, rows ≤ {MAX_LENGTH} tokens, fp32, one "
         f"process, 2 torch threads; {a.steps} steps per run (2 warm-up), {a.rounds} interleaved rounds; tokens/s "

@@ -31,6 +31,7 @@ from mixdpo_ds.training.config_names import flat_table, merge, nest_flat
 from mixdpo_ds.training.config_names import nested_dataclass as _nested_dataclass
 from mixdpo_ds.training.data import DataConfig
 from mixdpo_ds.training.export_stream import parse_shard_size
+from mixdpo_ds.training.fused_step import FUSED_MODES
 from mixdpo_ds.training.schedule import SCHEDULES
 
 DTYPES = ("fp32", "bf16")
@@ -79,6 +80,10 @@ class LossConfig:
     impl: str = field(default="auto", metadata={"help": f"MBT loss implementation, one of {list(LOSS_IMPLS)}: naive "
                                                         "(PyTorch, mixdpo_ds.core.losses), triton (one fused kernel, "
                                                         "kernels/mbt_loss.py), auto (triton on CUDA, else naive)."})
+    fused: str = field(default="auto", metadata={
+        "help": f"one of {list(FUSED_MODES)}: compute the policy loss inside the heads' forward, chunk of pairs by "
+                "chunk, with no logits recompute (docs/math.md §16; training/fused_step.py says where it applies). "
+                "auto = wherever it applies, always = an error where it cannot, never = log-probs, then the loss."})
 
     def __post_init__(self):
         if not (is_finite_number(self.beta) and self.beta > 0):
@@ -88,6 +93,7 @@ class LossConfig:
         if not is_finite_number(self.rpo_alpha):
             raise ValueError(f"loss.rpo_alpha must be finite, got {self.rpo_alpha!r}")
         _check_choice("loss.impl", self.impl, LOSS_IMPLS)
+        _check_choice("loss.fused", self.fused, FUSED_MODES)
 
     def resolved_impl(self, device) -> str:
         if self.impl != "auto":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from mixdpo_ds.training.config import RunConfig
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.draws import row_positions, step_draws
+from mixdpo_ds.training.fused_step import GateCall, fused_loss, resolve_fused
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
 from mixdpo_ds.training.memory import release_free_heap, write_memory_report
@@ -113,6 +115,8 @@ class MixDPOTrainer:
         gate = build_gate(cfg.gate, self.K, policy.config.hidden_size, num_users, seed=t.seed)
         attach_user_features(gate, cfg, self.data.user_vocab)  # gate.user_features: the users' feature table
         self.engine, self.optimizer, self.lr_scheduler = build_engine(policy, cfg, ds_config, self.total_steps)
+        self.fused = resolve_fused(cfg, policy, self.engine.device,  # L_policy inside the forward (loss.fused)
+                                   ranked=bool(self.data.train) and "response_ids" in self.data.train[0])
         self.device = self.engine.device
         # after the engine: under ZeRO-3 the reference runs through an engine (docs/deepspeed.md §7); before the
         # checkpoint is loaded (the tables are the initial, frozen reference's)
@@ -170,6 +174,18 @@ class MixDPOTrainer:
     def policy_forward(self, batch: dict):
         """PolicyOutput: logps (2B, K), prompt_features (2B, H) detached, ref_logps (2B,) for frozen-trunk heads."""
         return self.engine(**model_inputs(batch, self.device))
+
+    def fused_forward(self, batch: dict, resp=None):
+        """`loss.fused`: one engine call gives the logps (2B, K) detached and L_policy with its gradients
+        (PolicyOutput.policy_loss); -> (out, log_w (B, K), ref_logps (B, 2[, K]))."""
+        B, phase = batch["index"].shape[0], self.phase()
+        in_pass = self.ref_tables is None and self.reference.builtin  # the frozen base head's, from the same pass
+        gate_call = GateCall(self.gate_step, batch["user_ids"].to(self.device), B)
+        ref_logps = None if in_pass else self.ref_logps(batch)
+        fused = fused_loss(gate_call, ref_logps, phase.beta if phase.beta is not None else self.cfg.loss.beta,
+                           self.cfg.em, phase, resp)
+        out = self.engine(**model_inputs(batch, self.device), loss=fused)
+        return out, gate_call.log_w, as_pairs(out.ref_logps, B) if in_pass else ref_logps
 
     def ref_logps(self, batch: dict, out=None, split: str = "train") -> torch.Tensor:
         """(B, 2) shared or (B, 2, K) per-expert reference log-probs of the batch."""
@@ -242,11 +258,17 @@ class MixDPOTrainer:
             batch = self.next_batch()
             B = batch["index"].shape[0]
             rows = row_positions(micro, B, self.rank, self.world, self.device)
-            out = self.policy_forward(batch)
-            log_w = self.gate_forward(out, batch)
-            policy_logps, ref_logps = as_pairs(out.logps, B), self.ref_logps(batch, out)
-            res = self.batch_loss(policy_logps, ref_logps, log_w, resp=None if resp_all is None else resp_all[rows],
-                                  noise=None if noise_all is None else noise_all[:, rows])
+            resp = None if resp_all is None else resp_all[rows]
+            if self.fused:  # the gate runs inside the forward, which returns L_policy itself (training/fused_step.py)
+                out, log_w, ref_logps = self.fused_forward(batch, resp)
+                policy_logps = as_pairs(out.logps, B)   # detached: this E-step gives the gate loss and the tables
+                res = replace(self.batch_loss(policy_logps, ref_logps, log_w, resp=resp), policy_loss=out.policy_loss)
+            else:
+                out = self.policy_forward(batch)
+                log_w = self.gate_forward(out, batch)
+                policy_logps, ref_logps = as_pairs(out.logps, B), self.ref_logps(batch, out)
+                res = self.batch_loss(policy_logps, ref_logps, log_w, resp=resp,
+                                      noise=None if noise_all is None else noise_all[:, rows])
             loss, extra = self.policy_objective(res, batch, policy_logps)
             feats = chosen_prompt_features(out, B)
             record.micro.append(MicroRecord(

@@ -38,7 +38,10 @@ def ranked_pairs(rows: list[dict]) -> list[dict]:
 def first_batch(model_dir: str, data_path: str, out: Path):
     """(trainer, loss, {name: grad}) of the first micro-batch through the trainer's own step functions."""
     cfg = load_config(CONFIG, base_overrides(model_dir, data_path, out, **{
-        "experts.num_experts": 2, "train.max_steps": 3, "train.export": False, "em.gate_update": "joint"}))
+        "experts.num_experts": 2, "train.max_steps": 3, "train.export": False, "em.gate_update": "joint",
+        # the pair path the rankings reduce to bit for bit is the separate one (log-probs, then the loss); the fused
+        # pair path equals it to rounding (tests/integration/test_fused_train.py)
+        "loss.fused": "never"}))
     trainer = MixDPOTrainer(cfg)
     trainer.setup()
     batch = trainer.next_batch()

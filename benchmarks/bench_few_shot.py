@@ -37,6 +37,7 @@ from multiprocessing import get_context
 
 import numpy as np
 import torch
+import yaml
 from bench_scaling import commit
 
 from mixdpo_ds.apps.datasets.ceilings import bayes_ceilings, chosen_probabilities
@@ -44,6 +45,7 @@ from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_tas
 from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
 from mixdpo_ds.apps.demo import DemoConfig, _init_worker, _Inline, _quiet, prepare_seed, run_job, run_plan
 from mixdpo_ds.apps.report import fmt
+from mixdpo_ds.training.config_names import merge
 
 SHOTS = (0, 1, 3, 5, 10, 20)
 # name → (per_expert, by_user) of `calibration_report`: the per-pair mixture likelihood, the per-user evidence
@@ -74,6 +76,8 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
     runs = {}
     for name in ("mixdpo", "dpo_multi"):
         task, K, gate, over = plan[name]
+        if name == "mixdpo":  # --mixdpo key=value: a variant of the demo's Mix-DPO run (e.g. experts.head_rank=4)
+            over = merge(over, a.get("mixdpo_overrides", {}))
         runs[name] = run_job(cfg, prep, name, task, K, gate, over)
     rcfg = ReviewsConfig(task="multi", num_train=a["calibration_pairs"], num_sft=1, seed=10_000 + seed,
                          num_test=a["pairs_per_user"] * 3 * a["users_per_group"], users_per_group=a["users_per_group"])
@@ -101,6 +105,19 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
             json.dump({"calibration": cal_rows, "test": rows, "dpo": dpo_rows, "bayes": bayes_rows(test, rcfg,
                        ceil["prior"])}, f)
     shutil.rmtree(prep["root"], ignore_errors=True)
+    return out
+
+
+def mixdpo_overrides(pairs: list[str]) -> dict:
+    """["experts.head_rank=4", ...] -> {"experts": {"head_rank": 4}} (values parsed as YAML)."""
+    out: dict = {}
+    for kv in pairs:
+        key, _, value = kv.partition("=")
+        *sections, name = key.split(".")
+        node = out
+        for sec in sections:
+            node = node.setdefault(sec, {})
+        node[name] = yaml.safe_load(value)
     return out
 
 
@@ -215,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs-per-user", type=int, default=60, help="few-shot pairs per user (on average)")
     p.add_argument("--calibration-pairs", type=int, default=1000, help="held-out pairs the temperature is fit on")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--mixdpo", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of the Mix-DPO run only (e.g. experts.head_rank=4); DPO stays the demo's")
     p.add_argument("--fast", action="store_true", help="the demo's --fast sizes: a smoke test")
     p.add_argument("--append", default=None, metavar="FILE", help="append the tables (markdown) to FILE")
     p.add_argument("--figure", default=None, metavar="PNG", help="write the few-shot curve figure")
@@ -225,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     shots = sorted({int(n) for n in a.shots.split(",")})
     opts = {"shots": shots, "repeats": a.repeats, "users_per_group": a.users_per_group,
             "pairs_per_user": a.pairs_per_user, "calibration_pairs": a.calibration_pairs,
-            "rows_dir": os.path.abspath(a.rows_dir) if a.rows_dir else None}
+            "rows_dir": os.path.abspath(a.rows_dir) if a.rows_dir else None,
+            "mixdpo_overrides": mixdpo_overrides(a.mixdpo)}
     _quiet()
     torch.set_num_threads(1)
     out = tempfile.mkdtemp(prefix="mixdpo_few_shot_")

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from bench_expert_logprobs import _commit, _machine
 
-    cmd = "python benchmarks/bench_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = shlex.join(["python", "benchmarks/bench_vs_trl.py", *(sys.argv[1:] if argv is None else argv)])
     now = datetime.datetime.now(datetime.timezone.utc)
     text = "\n".join([
         f"### {'mixdpo-ds vs TRL DPOTrainer' if 'TRL DPOTrainer' in a.configs else 'mixdpo-ds trainer paths'} — "

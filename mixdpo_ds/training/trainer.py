@@ -7,8 +7,12 @@
     E-step + loss    q (exact posterior, Dirichlet warm-up or Gumbel samples), L_policy         `batch_loss`
     policy M-step    backward; the engine steps at the accumulation boundary                    `policy_m_step`
 
-then, once for the whole optimizer batch, after the policy's step: the gate's E-step and M-step (closed form,
-joint, alternate or frozen, with the optional refresh), `GateStep.step` in training/gate_step.py.
+With `loss.fused` (the default wherever it applies: heads experts, exact E-step) the first three are one engine call,
+`fused_forward`: the trunk, the gate on its prompt features, and the heads with their loss and gradients, chunk of
+pairs by chunk, with no logits recompute (training/fused_step.py, docs/math.md §16); the E-step then runs on the
+detached log-probs for the gate loss and the metrics. Then, once for the whole optimizer batch, after the policy's
+step: the gate's E-step and M-step (closed form, joint, alternate or frozen, with the optional refresh),
+`GateStep.step` in training/gate_step.py.
 
 Run it (CPU, one GPU, several GPUs):
     mixdpo train --config configs/tiny.yaml model.name_or_path=/path/to/tiny train.max_steps=20

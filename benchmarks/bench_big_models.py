@@ -209,7 +209,8 @@ def _row(name: str, ranks: int, res: dict, plan: float | None) -> str:
             f"{f'{peak_train / plan:.2f}' if plan and peak_train else '–'} | {res['wall_s']:.0f} |")
 
 
-def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True) -> tuple[list[str], dict]:
+def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True,
+                 variant_ranks: int = 2) -> tuple[list[str], dict]:
     shape, overrides, variants = SCENARIOS[name]
     model = build_model(shape, work)
     base = [*COMMON, f"model.name_or_path={model}", *overrides]
@@ -227,15 +228,16 @@ def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True
         rows.append(_row("1 rank", 1, one, _plan_mib(base, 1)))
     extra = {}
     for vname, vover in variants.items():
-        res = _launch(2, work / f"run-{name}-{vname}", [*base, *vover, "train.max_steps=2", "train.save_every=0",
-                                                        "train.export=false"])
-        rows.append(_row(f"2 ranks, {vname}", 2, res, _plan_mib([*base, *vover], 2)))
+        res = _launch(variant_ranks, work / f"run-{name}-{vname}", [*base, *vover, "train.max_steps=2",
+                                                                    "train.save_every=0", "train.export=false"])
+        rows.append(_row(f"{variant_ranks} rank(s), {vname}", variant_ranks, res,
+                         _plan_mib([*base, *vover], variant_ranks)))
         extra[vname] = res
     summary = {"killed_after_checkpoint": killed["killed"], "resumed_from": resumed["resumed_from"],
                "resumed_steps": [r["step"] for r in steps],
                "losses": [round(r["loss"], 6) for r in steps], "export_max_rel_diff": diff,
                "state_ratio_2_vs_1": _state_ratio(resumed, one) if one else None,
-               "activation": _activation(resumed, extra)}
+               "activation": _activation(resumed if variant_ranks == 2 else one, extra)}
     return rows, summary
 
 
@@ -274,11 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--append", default=None)
     p.add_argument("--no-kill", action="store_true", help="one uninterrupted run instead of kill + resume")
     p.add_argument("--no-one-rank", action="store_true", help="skip the 1-rank comparison run")
+    p.add_argument("--variant-ranks", type=int, choices=(1, 2), default=2,
+                   help="ranks of the variant runs (trunk: checkpointing off); 1 compares them with the 1-rank run")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows, summary = run_scenario(args.scenario, work, kill=not args.no_kill, one_rank=not args.no_one_rank)
+    if args.variant_ranks == 1 and args.no_one_rank:
+        p.error("--variant-ranks 1 compares the variants with the 1-rank run: drop --no-one-rank")
+    rows, summary = run_scenario(args.scenario, work, kill=not args.no_kill, one_rank=not args.no_one_rank,
+                                 variant_ranks=args.variant_ranks)
     shape, overrides, _ = SCENARIOS[args.scenario]
     report = "\n".join([
         f"### Big models on CPU ranks: {args.scenario} — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",

@@ -37,7 +37,6 @@ from multiprocessing import get_context
 
 import numpy as np
 import torch
-import yaml
 from bench_scaling import commit
 
 from mixdpo_ds.apps.datasets.ceilings import bayes_ceilings, chosen_probabilities
@@ -45,6 +44,7 @@ from mixdpo_ds.apps.datasets.reviews import ReviewsConfig, read_jsonl, write_tas
 from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
 from mixdpo_ds.apps.demo import DemoConfig, _init_worker, _Inline, _quiet, prepare_seed, run_job, run_plan
 from mixdpo_ds.apps.report import fmt
+from mixdpo_ds.training.config import parse_overrides
 from mixdpo_ds.training.config_names import merge
 
 SHOTS = (0, 1, 3, 5, 10, 20)
@@ -105,19 +105,6 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
             json.dump({"calibration": cal_rows, "test": rows, "dpo": dpo_rows, "bayes": bayes_rows(test, rcfg,
                        ceil["prior"])}, f)
     shutil.rmtree(prep["root"], ignore_errors=True)
-    return out
-
-
-def mixdpo_overrides(pairs: list[str]) -> dict:
-    """["experts.head_rank=4", ...] -> {"experts": {"head_rank": 4}} (values parsed as YAML)."""
-    out: dict = {}
-    for kv in pairs:
-        key, _, value = kv.partition("=")
-        *sections, name = key.split(".")
-        node = out
-        for sec in sections:
-            node = node.setdefault(sec, {})
-        node[name] = yaml.safe_load(value)
     return out
 
 
@@ -245,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"shots": shots, "repeats": a.repeats, "users_per_group": a.users_per_group,
             "pairs_per_user": a.pairs_per_user, "calibration_pairs": a.calibration_pairs,
             "rows_dir": os.path.abspath(a.rows_dir) if a.rows_dir else None,
-            "mixdpo_overrides": mixdpo_overrides(a.mixdpo)}
+            "mixdpo_overrides": parse_overrides(a.mixdpo)}
     _quiet()
     torch.set_num_threads(1)
     out = tempfile.mkdtemp(prefix="mixdpo_few_shot_")

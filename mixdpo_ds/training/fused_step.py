@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from mixdpo_ds.model.lowrank_heads import FusedLoss
-
 FUSED_MODES = ("auto", "always", "never")
 
 
@@ -54,22 +52,12 @@ def resolve_fused(cfg, policy, device, ranked: bool = False) -> bool:
 
 
 class GateCall:
-    """log_w for `FusedLoss`: the gate on the chosen rows' prompt features (2B, H) -> (B, K), no gradient; keeps
-    the value for the step's record (the gate is not called twice)."""
+    """log_w for `FusedLoss`: `gate(features (2B, H) | None) -> (B, K)` called inside the heads' forward; keeps the
+    value for the step's record (the gate is not called twice)."""
 
-    def __init__(self, gate_step, user_ids: torch.Tensor, batch_size: int):
-        self.gate_step, self.user_ids, self.batch_size = gate_step, user_ids, batch_size
-        self.log_w = None
+    def __init__(self, gate):
+        self.gate, self.log_w = gate, None
 
     def __call__(self, features: torch.Tensor | None) -> torch.Tensor:
-        chosen = None if features is None else features[:self.batch_size].float()   # (B, H)
-        self.log_w = self.gate_step.log_w(chosen, self.user_ids, self.batch_size)    # (B, K)
+        self.log_w = self.gate(features)
         return self.log_w
-
-
-def fused_loss(gate_call: GateCall, ref_logps: torch.Tensor | None, beta: float, em, phase, resp) -> FusedLoss:
-    """The `FusedLoss` of one micro-batch: ref_logps (B, 2[, K]) or None (the frozen base head's, in the pass);
-    the exact E-step's options of `batch_loss`; resp (B, K) replaces the E-step (the random warm-up)."""
-    return FusedLoss(log_w=gate_call, ref_logps=ref_logps, beta=beta,
-                     loss_kwargs=dict(posterior_correction=em.posterior_correction,
-                                      label_smoothing=em.label_smoothing, estep=phase.estep, resp=resp))

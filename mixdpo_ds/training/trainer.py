@@ -35,6 +35,8 @@ import torch
 from mixdpo_ds.core.em import tau_at
 from mixdpo_ds.core.losses import MixDPOOutput, chosen_nll
 from mixdpo_ds.kernels import mbt_loss
+from mixdpo_ds.model.experts import PolicyOutput
+from mixdpo_ds.model.lowrank_heads import FusedLoss
 from mixdpo_ds.training import checkpoint as ckpt
 from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, model_inputs, num_batches
 from mixdpo_ds.training.build import (
@@ -50,7 +52,7 @@ from mixdpo_ds.training.config import RunConfig
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed
 from mixdpo_ds.training.draws import row_positions, step_draws
-from mixdpo_ds.training.fused_step import GateCall, fused_loss, resolve_fused
+from mixdpo_ds.training.fused_step import GateCall, resolve_fused
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
 from mixdpo_ds.training.memory import release_free_heap, write_memory_report
@@ -182,12 +184,11 @@ class MixDPOTrainer:
     def fused_forward(self, batch: dict, resp=None):
         """`loss.fused`: one engine call gives the logps (2B, K) detached and L_policy with its gradients
         (PolicyOutput.policy_loss); -> (out, log_w (B, K), ref_logps (B, 2[, K]))."""
-        B, phase = batch["index"].shape[0], self.phase()
+        B = batch["index"].shape[0]
         in_pass = self.ref_tables is None and self.reference.builtin  # the frozen base head's, from the same pass
-        gate_call = GateCall(self.gate_step, batch["user_ids"].to(self.device), B)
+        gate_call = GateCall(lambda features: self.gate_forward(PolicyOutput(None, features), batch))
         ref_logps = None if in_pass else self.ref_logps(batch)
-        fused = fused_loss(gate_call, ref_logps, phase.beta if phase.beta is not None else self.cfg.loss.beta,
-                           self.cfg.em, phase, resp)
+        fused = FusedLoss(gate_call, ref_logps, self.beta(), {**self.estep_options(), "resp": resp})
         out = self.engine(**model_inputs(batch, self.device), loss=fused)
         return out, gate_call.log_w, as_pairs(out.ref_logps, B) if in_pass else ref_logps
 
@@ -209,15 +210,24 @@ class MixDPOTrainer:
         """The regulariser phase (docs/math.md §7) in force at the current step."""
         return self.schedule.at(self.step / self.total_steps)
 
+    def beta(self) -> float:
+        """β at the current step: the phase's, else loss.beta."""
+        phase = self.phase()
+        return phase.beta if phase.beta is not None else self.cfg.loss.beta
+
+    def estep_options(self) -> dict:
+        """The exact E-step's options of the MBT loss at the current step (shared by both loss paths)."""
+        return dict(posterior_correction=self.cfg.em.posterior_correction, label_smoothing=self.cfg.em.label_smoothing,
+                    estep=self.phase().estep)
+
     def batch_loss(self, policy_logps, ref_logps, log_w, resp=None, noise=None, mode: str | None = None,
                    lambda_global: float = 0.0) -> MixDPOOutput:
         """E-step and MBT loss (`loss.impl`) of pairs: policy_logps (B, 2, K), ref_logps (B, 2[, K]), log_w (B, K).
 
         `resp` replaces the E-step (warm-up); `noise` (L, B, K) gives the Gumbel samples in `em.mode=gumbel`."""
-        em, phase = self.cfg.em, self.phase()
-        return mbt_loss(policy_logps, ref_logps, log_w, phase.beta if phase.beta is not None else self.cfg.loss.beta,
-                        posterior_correction=em.posterior_correction, label_smoothing=em.label_smoothing,
-                        estep=phase.estep, lambda_global=lambda_global, resp=resp, mode=mode or em.mode,
+        em = self.cfg.em
+        return mbt_loss(policy_logps, ref_logps, log_w, self.beta(), **self.estep_options(),
+                        lambda_global=lambda_global, resp=resp, mode=mode or em.mode,
                         gumbel=em.gumbel, noise=noise, generator=self.dev_gen, tau=tau_at(self.step, em),
                         impl=self.cfg.loss.resolved_impl(self.device) if policy_logps.shape[1] == 2 or
                         self.cfg.loss.impl != "auto" else "naive")  # rankings: the PyTorch path (docs/math.md §15)
@@ -303,7 +313,7 @@ class MixDPOTrainer:
         # the gate term counts in `loss` only when a gradient step optimised it (not Mix-DPO's closed form, not warm-up)
         metrics["loss"] = metrics["policy_loss"] + record.gate_metrics.get("gate_loss", 0)
         phase = self.phase()
-        metrics["beta"] = torch.tensor(phase.beta if phase.beta is not None else self.cfg.loss.beta)
+        metrics["beta"] = torch.tensor(self.beta())
         metrics["estep/alpha"] = torch.tensor(phase.estep.alpha)
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm

@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mixdpo_ds.model.experts import PolicyOutput
+from mixdpo_ds.training.batch import chosen_prompt_features
 from mixdpo_ds.training.fused_step import GateCall, fused_unsupported, resolve_fused
 
 
@@ -45,12 +47,13 @@ def test_modes():
 def test_gate_call_reads_the_chosen_rows_and_keeps_log_w():
     seen = {}
 
-    def log_w(features, user_ids, batch_size):
-        seen.update(features=features, users=user_ids, B=batch_size)
-        return torch.full((batch_size, 2), -0.5)
+    def gate(features):  # what the trainer passes: gate_forward on the forward's (2B, H) prompt features
+        chosen = chosen_prompt_features(PolicyOutput(None, features), 2)
+        seen.update(features=chosen)
+        return torch.full((2, 2), -0.5)
 
-    call = GateCall(SimpleNamespace(log_w=log_w), torch.tensor([3, 4]), 2)
+    call = GateCall(gate)
     features = torch.arange(8.0).view(4, 2)  # (2B, H): chosen rows 0..1, rejected 2..3
     out = call(features)
-    assert torch.equal(seen["features"], features[:2]) and seen["B"] == 2 and call.log_w is out
+    assert torch.equal(seen["features"], features[:2]) and call.log_w is out
     assert call(None) is call.log_w and seen["features"] is None  # a user-only gate reads no features

@@ -1,7 +1,9 @@
 """What a rank holds, measured: the bytes of its parameter shards, gradients and optimizer states, and the process's
 resident memory (docs/scaling.md "Measured").
 Gradients: the `.grad` of the model's parameters and of the master partitions (DeepSpeed's own reduce buckets are
-not tensors we can see; docs/scaling.md counts them).
+not tensors we can see; docs/scaling.md counts them). Master weights: the torch optimizer's parameters that are not
+the model's, and ZeRO's fp32 flat partitions where they are copies (ZeRO-3 swaps them into the optimizer only inside
+its step; DeepSpeed 0.19.8 copies them even in fp32, docs/scaling.md).
 
 `MemoryReport` is taken at the end of set-up and again at the end of training (and after the export); each rank
 writes `run_dir/memory/rank{r}.json`. Tensor bytes are counted from the tensors themselves, so they are exact:
@@ -51,11 +53,25 @@ def _inner_optimizer(optimizer):
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
+# the fp32 partitions a ZeRO optimizer steps: stage 3 (`fp32_partitioned_groups_flat`, swapped into the torch
+# optimizer's param_groups only inside step()) and stage 1/2 (`single_partition_of_fp32_groups`)
+ZERO_FLAT_MASTERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups")
+
+
+def _zero_flat_masters(optimizer) -> list[torch.Tensor]:
+    out, seen = [], 0
+    while optimizer is not None and seen < 4:
+        for name in ZERO_FLAT_MASTERS:
+            out += [t for t in getattr(optimizer, name, None) or [] if torch.is_tensor(t)]
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return out
+
+
 def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
     """This rank's bytes of parameters (ZeRO-3: its partitions), trainable parameters, gradients, optimizer states
     and master weights."""
     params = trainable = grads = 0
-    model_ptrs = set()
+    model_ptrs, model_storages = set(), set()
     for p in module.parameters():
         shard = getattr(p, "ds_tensor", None)
         held = shard if shard is not None else p
@@ -64,16 +80,24 @@ def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
         if p.grad is not None:
             grads += _nbytes(p.grad)
         model_ptrs.add(p.data_ptr())
+        model_storages.add(held.untyped_storage().data_ptr())
     states = master = 0
     inner = _inner_optimizer(optimizer)
     if inner is not None:
         for state in inner.state.values():
             states += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        counted = set()
         for group in inner.param_groups:
             for p in group["params"]:
                 if p.data_ptr() not in model_ptrs:
+                    counted.add(p.untyped_storage().data_ptr())
                     master += _nbytes(p)
                     grads += _nbytes(p.grad) if p.grad is not None else 0  # ZeRO: the partition's fp32 gradient
+        for flat in _zero_flat_masters(optimizer):  # ZeRO keeps them out of param_groups between steps
+            ptr = flat.untyped_storage().data_ptr()
+            if flat.numel() and ptr not in model_storages | counted:  # a copy, not the model's flat partition
+                counted.add(ptr)
+                master += _nbytes(flat)
     return {"param_bytes": params, "trainable_param_bytes": trainable, "grad_bytes": grads,
             "optimizer_state_bytes": states, "master_weight_bytes": master}
 

@@ -201,8 +201,8 @@ def _optimizer_rows(t: _Tensors, stage: int, world: int, P: int, bf16: bool) -> 
         grads, master = P * n + (4 * n if bf16 else 4 * n // W), 4 * n // W
     elif stage == 2:    # partitioned grads + their fp32 flat copy at the step; the master partition is a clone
         grads, master = P * n // W + 4 * n // W, 4 * n // W
-    else:               # fp32: the flat partition is its own master; bf16: an fp32 copy and fp32 grads
-        grads, master = P * n // W + (4 * n // W if bf16 else 0), (4 * n // W if bf16 else 0)
+    else:               # an fp32 copy of the flat partition, in fp32 too (docs/scaling.md); bf16: fp32 grads too
+        grads, master = P * n // W + (4 * n // W if bf16 else 0), 4 * n // W
     return [("gradients", grads, f"{n:,} trainable" + (f" / {W}" if stage >= 2 else "")),
             ("master weights", master, "fp32 copies kept by DeepSpeed"),
             ("optimizer states", 8 * n // shard, "AdamW exp_avg + exp_avg_sq, fp32" + (f" / {W}" if shard > 1 else ""))]

@@ -76,3 +76,21 @@ def test_release_free_heap_returns_freed_small_allocations():
     assert release_free_heap()
     after = rss_mib()
     assert before - after > 100  # what free() alone kept resident
+
+
+def test_zero_flat_fp32_partitions_count_when_they_are_copies():
+    """ZeRO-3 keeps its fp32 flat partitions (`fp32_partitioned_groups_flat`) outside the torch optimizer between
+    steps: a copy of the model's partitions counts as master weights, an alias of them does not."""
+    model = _model()
+    flat = torch.zeros(12 + 4)                              # the model's flat partition of the trainable 16 values
+    model[0].weight.ds_tensor, model[0].bias.ds_tensor = flat.narrow(0, 0, 12), flat.narrow(0, 12, 4)
+
+    class Zero3:
+        def __init__(self, fp32):
+            self.fp32_partitioned_groups_flat = [fp32]
+            self.optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+    copy = tensor_bytes(model, Zero3(flat.clone().double()))
+    assert copy["master_weight_bytes"] == 16 * 8 + 1 * 4    # the copy + the stand-in optimizer's own parameter
+    alias = tensor_bytes(model, Zero3(flat))
+    assert alias["master_weight_bytes"] == 1 * 4

@@ -45,12 +45,18 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _wrappers(optimizer):
+    """The optimizer and what it wraps: DeepSpeed's ZeRO optimizers keep the torch optimizer as `.optimizer`."""
+    for _ in range(5):
+        if optimizer is None:
+            return
+        yield optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
 def _inner_optimizer(optimizer):
-    """The torch.optim.Optimizer under DeepSpeed's wrappers (ZeRO optimizers keep it as `.optimizer`)."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    """The torch.optim.Optimizer under DeepSpeed's wrappers."""
+    return next((o for o in _wrappers(optimizer) if isinstance(o, torch.optim.Optimizer)), None)
 
 
 # the fp32 partitions a ZeRO optimizer steps: stage 3 (`fp32_partitioned_groups_flat`, swapped into the torch
@@ -59,19 +65,15 @@ ZERO_FLAT_MASTERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_g
 
 
 def _zero_flat_masters(optimizer) -> list[torch.Tensor]:
-    out, seen = [], 0
-    while optimizer is not None and seen < 4:
-        for name in ZERO_FLAT_MASTERS:
-            out += [t for t in getattr(optimizer, name, None) or [] if torch.is_tensor(t)]
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-    return out
+    return [t for o in _wrappers(optimizer) for name in ZERO_FLAT_MASTERS for t in getattr(o, name, None) or []
+            if torch.is_tensor(t)]
 
 
 def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
     """This rank's bytes of parameters (ZeRO-3: its partitions), trainable parameters, gradients, optimizer states
     and master weights."""
     params = trainable = grads = 0
-    model_ptrs, model_storages = set(), set()
+    model_storages = set()  # a tensor that shares one of these is the model's own, not a master copy
     for p in module.parameters():
         shard = getattr(p, "ds_tensor", None)
         held = shard if shard is not None else p
@@ -79,25 +81,20 @@ def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
         trainable += _nbytes(held) if p.requires_grad else 0
         if p.grad is not None:
             grads += _nbytes(p.grad)
-        model_ptrs.add(p.data_ptr())
         model_storages.add(held.untyped_storage().data_ptr())
     states = master = 0
     inner = _inner_optimizer(optimizer)
     if inner is not None:
         for state in inner.state.values():
             states += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-        counted = set()
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if p.data_ptr() not in model_ptrs:
-                    counted.add(p.untyped_storage().data_ptr())
-                    master += _nbytes(p)
-                    grads += _nbytes(p.grad) if p.grad is not None else 0  # ZeRO: the partition's fp32 gradient
-        for flat in _zero_flat_masters(optimizer):  # ZeRO keeps them out of param_groups between steps
-            ptr = flat.untyped_storage().data_ptr()
-            if flat.numel() and ptr not in model_storages | counted:  # a copy, not the model's flat partition
-                counted.add(ptr)
-                master += _nbytes(flat)
+        seen = set(model_storages)
+        # ZeRO keeps its fp32 flat partitions out of param_groups between steps: count them either way, once
+        for p in [p for group in inner.param_groups for p in group["params"]] + _zero_flat_masters(optimizer):
+            ptr = p.untyped_storage().data_ptr()
+            if p.numel() and ptr not in seen:
+                seen.add(ptr)
+                master += _nbytes(p)
+                grads += _nbytes(p.grad) if p.grad is not None else 0  # ZeRO: the partition's fp32 gradient
     return {"param_bytes": params, "trainable_param_bytes": trainable, "grad_bytes": grads,
             "optimizer_state_bytes": states, "master_weight_bytes": master}
 

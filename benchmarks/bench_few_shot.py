@@ -257,12 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         figure(results, shots, a.figure)
     cmd = shlex.join(["python", "benchmarks/bench_few_shot.py", *(sys.argv[1:] if argv is None else argv)])
     c = results[0]["curves"]["user"]
+    # --mixdpo overrides change the Mix-DPO run only (its steps among them); the header says so
+    mix_note = (f" (Mix-DPO with {' '.join(a.mixdpo)}; DPO as the demo's)" if a.mixdpo else "")
     head = [f"### Few-shot personalisation of Mix-DPO ({a.seeds} seed(s): mean ± sd, worst seed)", "",
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, torch "
             f"{torch.__version__}, {a.workers} worker(s) × 1 thread); commit {commit()}; date "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; command `{cmd}`; the demo's "
             f"multi-reward Mix-DPO (K = 3, global w) and DPO runs, {cfg.steps} steps × {cfg.batch_size} pairs over "
-            f"{cfg.num_train} training pairs; few-shot users: {c['users']} new users (3 groups × "
+            f"{cfg.num_train} training pairs{mix_note}; few-shot users: {c['users']} new users (3 groups × "
             f"{a.users_per_group}), {c['query_pairs']} query pairs per repeat, {a.repeats} context draws per user, "
             f"query set = each user's pairs after the first {shots[-1]}; temperature fitted on "
             f"{a.calibration_pairs} other new pairs; total {elapsed:.0f} s.", ""]

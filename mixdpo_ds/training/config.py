@@ -156,6 +156,11 @@ class TrainConfig:
                 "transformer: trainable trunk, models, the base under lora. 'auto' or null: on for those, off for "
                 "frozen-trunk heads (no transformer layer trains); true / false: as said."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0."})
+    host_mmap_threshold_mb: int = field(default=4, metadata={
+        "help": "CPU runs on glibc (Linux): allocations of at least this many MiB are served by mmap, so a freed "
+                "tensor's pages return to the OS at once and the resident memory follows the live tensors "
+                "(training/memory.py; glibc's own threshold grows to 32 MiB and keeps freed heap pages). 0 leaves "
+                "glibc's default. Changes no value that is computed."})
     reference: str = field(default="model", metadata={"help": f"One of {list(REFERENCE_MODES)}: frozen reference "
                                                               "model each step, or log-probs precomputed and cached."})
     reference_cache_dir: str | None = field(default=None, metadata={"help": "Cache dir for precomputed reference "
@@ -183,6 +188,9 @@ class TrainConfig:
         if self.gradient_checkpointing not in (True, False, None, "auto"):
             raise ValueError(f"train.gradient_checkpointing={self.gradient_checkpointing!r}: must be true, false, "
                              "'auto' or null (= 'auto': on unless experts.kind=heads with a frozen trunk)")
+        if not isinstance(self.host_mmap_threshold_mb, int) or self.host_mmap_threshold_mb < 0:
+            raise ValueError(f"train.host_mmap_threshold_mb={self.host_mmap_threshold_mb!r}: must be an integer >= 0 "
+                             "(MiB; 0 = glibc's default)")
         _check_choice("train.export_format", self.export_format, EXPORT_FORMATS)
         parse_shard_size(self.export_max_shard_size, "train.export_max_shard_size")
         if self.push_to_hub and self.export_format == "compact":

@@ -82,6 +82,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     atexit.register(_remove_shm_buffer, shm_buffer_path())
 
 
+def on_cpu() -> bool:
+    """True when DeepSpeed's accelerator is the CPU (the run's tensors live in host memory)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cpu"
+
+
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 

@@ -23,7 +23,7 @@ HARMLESS = frozenset({
     # trackers, hub upload and export form; activation checkpointing recomputes the same values; tokenising workers
     "train.report_to", "train.run_name", "train.push_to_hub", "train.hub_model_id", "train.hub_private_repo",
     "train.export_merged", "train.export_format", "train.export_max_shard_size", "train.gradient_checkpointing",
-    "data.num_proc",
+    "train.host_mmap_threshold_mb", "data.num_proc",
 })
 
 

@@ -50,12 +50,12 @@ from mixdpo_ds.training.build import (
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, zero_stage_of
-from mixdpo_ds.training.distributed import init_distributed
+from mixdpo_ds.training.distributed import init_distributed, on_cpu
 from mixdpo_ds.training.draws import row_positions, step_draws
 from mixdpo_ds.training.fused_step import GateCall, resolve_fused
 from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
 from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
-from mixdpo_ds.training.memory import release_free_heap, write_memory_report
+from mixdpo_ds.training.memory import mmap_large_allocations, release_free_heap, write_memory_report
 from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
 from mixdpo_ds.training.plan import log_plan
 from mixdpo_ds.training.repair import SplitRepair
@@ -111,6 +111,8 @@ class MixDPOTrainer:
         self.zero_stage = zero_stage_of(ds_config)
         if self.rank == 0:
             log_plan(cfg, self.world)  # the per-rank memory estimate (training/plan.py, docs/scaling.md)
+        if t.host_mmap_threshold_mb and on_cpu():  # freed tensors leave the RSS at once (training/memory.py)
+            mmap_large_allocations(t.host_mmap_threshold_mb << 20)
         if self.zero_stage == 3:  # must stay alive while from_pretrained runs (docs/deepspeed.md §4)
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)

@@ -162,3 +162,11 @@ def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
     with pytest.raises(ValueError) as e:
         load_config(write(tmp_path, MINIMAL), ["train.adam_betas=[0.9,"])
     assert str(e.value).startswith("override 'train.adam_betas=[0.9,', line 1, column 6: invalid YAML: ")
+
+
+def test_host_mmap_threshold_is_a_non_negative_int():
+    assert load_config(None, ["model.name_or_path=gpt2", "train.host_mmap_threshold_mb=0"]).train.host_mmap_threshold_mb == 0
+    assert TrainConfig().host_mmap_threshold_mb == 4
+    for bad in ("-1", "2.5"):
+        with pytest.raises(ValueError, match=r"train\.host_mmap_threshold_mb"):
+            load_config(None, ["model.name_or_path=gpt2", f"train.host_mmap_threshold_mb={bad}"])

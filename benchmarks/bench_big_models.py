@@ -59,7 +59,8 @@ SCENARIOS = {
     "trunk": ("350m", ["experts.kind=heads", "experts.num_experts=3", "experts.trunk=trainable",
                        "experts.init_noise=0.01", "train.micro_batch_size=2", "data.max_length=128",
                        "data.max_prompt_length=64", "train.max_steps=3", "train.save_every=2"],
-              {"gc_off": ["train.gradient_checkpointing=false"]}),
+              {"gc_off": ["train.gradient_checkpointing=false"],
+               "glibc_heap": ["train.host_mmap_threshold_mb=0"]}),  # glibc's own threshold: freed pages stay
     "smoke": ("tiny", ["experts.kind=heads", "experts.num_experts=2", "train.micro_batch_size=2",
                        "data.max_length=64", "data.max_prompt_length=48", "train.max_steps=4", "train.save_every=2"],
               {}),
@@ -147,10 +148,13 @@ def _launch(ranks: int, out: Path, overrides: list[str], kill_at_step: int | Non
     resumed = re.search(r"resumed from \S+ at step (\d+)", Path(log.name).read_text())
     return {"wall_s": time.time() - t0, "killed": killed, "memory": memory,
             "checkpoints": [step for step, _ in list_checkpoints(out)],
-            "resumed_from": int(resumed.group(1)) if resumed else None}  # the trainer's log line on rank 0
+            "resumed_from": int(resumed.group(1)) if resumed else None,  # the trainer's log line on rank 0
+            "tokens_per_s": [r["tokens_per_s"] for r in _steps(out) if "tokens_per_s" in r]}  # the run's steps so far
 
 
 def _steps(out: Path) -> list[dict]:
+    if not (out / "metrics.jsonl").exists():
+        return []
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if "loss" in r]
 
@@ -206,12 +210,20 @@ def _row(name: str, ranks: int, res: dict, plan: float | None) -> str:
             f"{worst(setup, 'peak_rss_mib') or 0:,.0f} | {peak_train or 0:,.0f} | "
             f"{worst(exported, 'peak_rss_mib') or 0:,.0f} | "
             f"{f'{plan:,.0f}' if plan else '–'} | "
-            f"{f'{peak_train / plan:.2f}' if plan and peak_train else '–'} | {res['wall_s']:.0f} |")
+            f"{f'{peak_train / plan:.2f}' if plan and peak_train else '–'} | {_tokens(res)} | {res['wall_s']:.0f} |")
+
+
+def _tokens(res: dict) -> str:
+    """Mean tokens/s of the steps after the first (the first pays the set-up's page faults), all ranks."""
+    tps = res.get("tokens_per_s") or []
+    tps = tps[1:] if len(tps) > 1 else tps
+    return f"{sum(tps) / len(tps):.1f}" if tps else "–"
 
 
 def run_scenario(name: str, work: Path, kill: bool = True, one_rank: bool = True,
-                 variant_ranks: int = 2) -> tuple[list[str], dict]:
+                 variant_ranks: int = 2, only: list[str] | None = None) -> tuple[list[str], dict]:
     shape, overrides, variants = SCENARIOS[name]
+    variants = {k: v for k, v in variants.items() if only is None or k in only}
     model = build_model(shape, work)
     base = [*COMMON, f"model.name_or_path={model}", *overrides]
     out = work / f"run-{name}"
@@ -278,14 +290,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-one-rank", action="store_true", help="skip the 1-rank comparison run")
     p.add_argument("--variant-ranks", type=int, choices=(1, 2), default=2,
                    help="ranks of the variant runs (trunk: checkpointing off); 1 compares them with the 1-rank run")
+    p.add_argument("--variants", default=None, help="comma-separated variant runs (trunk: gc_off, glibc_heap); "
+                                                     "default: all of the scenario's")
     args = p.parse_args(argv)
+    only = args.variants.split(",") if args.variants is not None else None
+    unknown = sorted(set(only or []) - set(SCENARIOS[args.scenario][2]))
+    if unknown:
+        p.error(f"--variants {unknown}: the {args.scenario} scenario has {sorted(SCENARIOS[args.scenario][2])}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.variant_ranks == 1 and args.no_one_rank:
         p.error("--variant-ranks 1 compares the variants with the 1-rank run: drop --no-one-rank")
     rows, summary = run_scenario(args.scenario, work, kill=not args.no_kill, one_rank=not args.no_one_rank,
-                                 variant_ranks=args.variant_ranks)
+                                 variant_ranks=args.variant_ranks, only=only)
     shape, overrides, _ = SCENARIOS[args.scenario]
     report = "\n".join([
         f"### Big models on CPU ranks: {args.scenario} — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
@@ -296,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         f"whole command {time.time() - t0:.0f} s",
         "",
         "| run | ranks | params + optimizer states per rank (MiB, exact) | peak RSS loading | peak RSS training | "
-        "peak RSS export | plan estimate (MiB) | training peak / plan | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak RSS export | plan estimate (MiB) | training peak / plan | tokens/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         (f"Checkpoint at step 2, SIGKILL, resume: killed {summary['killed_after_checkpoint']}, the relaunch "

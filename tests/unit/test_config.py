@@ -165,7 +165,8 @@ def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
 
 
 def test_host_mmap_threshold_is_a_non_negative_int():
-    assert load_config(None, ["model.name_or_path=gpt2", "train.host_mmap_threshold_mb=0"]).train.host_mmap_threshold_mb == 0
+    cfg = load_config(None, ["model.name_or_path=gpt2", "train.host_mmap_threshold_mb=0"])
+    assert cfg.train.host_mmap_threshold_mb == 0
     assert TrainConfig().host_mmap_threshold_mb == 4
     for bad in ("-1", "2.5"):
         with pytest.raises(ValueError, match=r"train\.host_mmap_threshold_mb"):

@@ -38,38 +38,28 @@ from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.model.experts import PolicyOutput
 from mixdpo_ds.model.lowrank_heads import FusedLoss
 from mixdpo_ds.training import checkpoint as ckpt
-from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, model_inputs, num_batches
+from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, model_inputs
 from mixdpo_ds.training.build import (
-    build_engine,
-    build_reference,
-    load_checked_data,
-    pretrain_gate_on_labels,
     skippable_adamw,
-    warn_identical_experts,
 )
 from mixdpo_ds.training.callbacks import CallbackList
 from mixdpo_ds.training.config import RunConfig
 from mixdpo_ds.training.deepspeed_config import build_deepspeed_config, zero_stage_of
 from mixdpo_ds.training.distributed import init_distributed, on_cpu
 from mixdpo_ds.training.draws import row_positions, step_draws
-from mixdpo_ds.training.fused_step import GateCall, resolve_fused
-from mixdpo_ds.training.gate_step import GateStep, MicroRecord, StepRecord
-from mixdpo_ds.training.guard import DivergenceWatch, NonFiniteGuard
+from mixdpo_ds.training.fused_step import GateCall
+from mixdpo_ds.training.gate_step import MicroRecord, StepRecord
 from mixdpo_ds.training.memory import mmap_large_allocations, release_free_heap, write_memory_report
-from mixdpo_ds.training.metrics import CollapseWatch, MetricAccumulator, MetricsLogger, plot_metrics
+from mixdpo_ds.training.metrics import MetricAccumulator, plot_metrics
 from mixdpo_ds.training.plan import log_plan
-from mixdpo_ds.training.repair import SplitRepair
-from mixdpo_ds.training.resume import load_newest_intact
-from mixdpo_ds.training.run_dir import finished_step, mark_finished, take_lock
-from mixdpo_ds.training.schedule import lr_multiplier
+from mixdpo_ds.training.run_dir import mark_finished, take_lock
 from mixdpo_ds.training.trackers import tracker_callbacks
-from mixdpo_ds.training.user_features import attach_user_features
+from mixdpo_ds.training.trainer_setup import TrainerSetup
 
 log = logging.getLogger("mixdpo_ds")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class MixDPOTrainer:
+class MixDPOTrainer(TrainerSetup):
     """The recipe. `setup()` builds everything, `train()` runs the EM loop, `cleanup()` releases."""
 
     def __init__(self, cfg: RunConfig, callbacks=None):
@@ -83,80 +73,23 @@ class MixDPOTrainer:
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from transformers import AutoTokenizer
-
-        from mixdpo_ds.model.experts import build_policy
-        from mixdpo_ds.model.gating import build_gate
-
-        cfg, t, em = self.cfg, self.cfg.train, self.cfg.em
+        """Data, model, EM machinery, then the checkpoint to resume from (each a method below)."""
+        t = self.cfg.train
         init_distributed(timeout_s=t.dist_timeout_s)
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self._lock = take_lock(self.out_dir, self.rank)
-        torch.manual_seed(t.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.data = load_checked_data(cfg, self.tokenizer)
-        if self.data.skipped:
-            log.warning("data: skipped bad rows %s", self.data.skipped)
-        self.batches_per_epoch = num_batches(len(self.data.train), t.micro_batch_size, self.world)
-        if self.batches_per_epoch < t.grad_accum:
-            raise ValueError(f"{len(self.data.train)} training pairs give {self.batches_per_epoch} micro batches per "
-                             f"epoch, fewer than train.grad_accum={t.grad_accum}; lower train.micro_batch_size")
-        self.total_steps = t.max_steps if t.max_steps > 0 else max(
-            1, math.ceil(t.epochs * self.batches_per_epoch / t.grad_accum))
-
-        ds_config = build_deepspeed_config(cfg.deepspeed.config, t.micro_batch_size, t.grad_accum, self.world,
-                                           cfg.model.dtype, cfg.deepspeed.zero_stage, t.gradient_clipping)
-        self.zero_stage = zero_stage_of(ds_config)
-        if self.rank == 0:
-            log_plan(cfg, self.world)  # the per-rank memory estimate (training/plan.py, docs/scaling.md)
         if t.host_mmap_threshold_mb and on_cpu():  # freed tensors leave the RSS at once (training/memory.py)
             mmap_large_allocations(t.host_mmap_threshold_mb << 20)
-        if self.zero_stage == 3:  # must stay alive while from_pretrained runs (docs/deepspeed.md §4)
-            from transformers.integrations import HfDeepSpeedConfig
-            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-        dtype = DTYPES[cfg.model.dtype]
-        policy = build_policy(cfg.model.name_or_path, cfg.experts, torch_dtype=dtype, seed=t.seed)
-        self.K = policy.num_experts
-        num_users = cfg.gate.num_users if cfg.gate.num_users is not None else len(self.data.user_vocab)
-        gate = build_gate(cfg.gate, self.K, policy.config.hidden_size, num_users, seed=t.seed)
-        attach_user_features(gate, cfg, self.data.user_vocab)  # gate.user_features: the users' feature table
-        self.engine, self.optimizer, self.lr_scheduler = build_engine(policy, cfg, ds_config, self.total_steps)
-        self.fused = resolve_fused(cfg, policy, self.engine.device,  # L_policy inside the forward (loss.fused)
-                                   ranked=bool(self.data.train) and "response_ids" in self.data.train[0])
-        self.device = self.engine.device
-        # after the engine: under ZeRO-3 the reference runs through an engine (docs/deepspeed.md §7); before the
-        # checkpoint is loaded (the tables are the initial, frozen reference's)
-        self.reference, self.ref_tables = build_reference(cfg, self.engine, self.data, self.zero_stage, self.rank,
-                                                          self.world, self._collate, self.out_dir, dtype, ds_config)
-        self.gate = gate.to(self.device)
-        self.gate_step = GateStep(self.gate, cfg.gate.kind, em.gate_update, em.refresh, cfg.gate.lr,
-                                  lr_multiplier(t, self.total_steps), self.world,
-                                  eps=cfg.gate.adam_epsilon or t.adam_epsilon,
-                                  hold_until=em.warmup_random_steps + cfg.gate.hold_steps,
-                                  trust_region=cfg.gate.trust_region,
-                                  trust_max_scale=cfg.gate.trust_max_scale)
-        self.schedule = em.schedule(cfg.loss.beta)
-        self.cpu_gen = torch.Generator().manual_seed(t.seed + 1)  # Dirichlet warm-up
-        self.dev_gen = torch.Generator(device=self.device).manual_seed(t.seed + 2)  # Gumbel noise
-        warn_identical_experts(cfg, self.K)
-        self.guard, self.divergence = NonFiniteGuard(t.nonfinite, self.zero_stage, self.device), DivergenceWatch()
-        self.collapse = CollapseWatch()
-        self.repair = SplitRepair(policy, em, t.seed)
-
-        resume = ckpt.resolve_resume(t.resume_from, self.out_dir)
-        self.acc = MetricAccumulator()
-        if resume is None and cfg.gate.pretrain_steps > 0:  # on resume the gate comes from the checkpoint
-            pretrain_gate_on_labels(cfg, self.engine, self.gate, self.data.train, self._collate, self.K, self.device)
-        if resume is not None:
-            resume, state = load_newest_intact(self.engine, self.out_dir, resume, self._run_identity())
-            self._load_state(state)
-        self.finished = resume is not None and self.step == self.total_steps == finished_step(self.out_dir)
-        self.logger = MetricsLogger(self.out_dir, t.tensorboard, enabled=self.rank == 0 and not self.finished,
-                                    truncate_after=self.step if resume is not None else None)
-        if self.rank == 0 and not self.finished:
-            self.cfg.to_yaml(self.out_dir / "config.yaml")
+        torch.manual_seed(t.seed)
+        self._setup_data()
+        ds_config = build_deepspeed_config(self.cfg.deepspeed.config, t.micro_batch_size, t.grad_accum, self.world,
+                                           self.cfg.model.dtype, self.cfg.deepspeed.zero_stage, t.gradient_clipping)
+        self.zero_stage = zero_stage_of(ds_config)
+        if self.rank == 0:
+            log_plan(self.cfg, self.world)  # the per-rank memory estimate (training/plan.py, docs/scaling.md)
+        policy = self._setup_model(ds_config)
+        self._setup_em(policy)
+        self._setup_resume()
         release_free_heap()  # what loading and partitioning freed (training/memory.py)
         if not self.finished:  # per-rank tensor bytes and peak RSS of each stage (docs/scaling.md)
             write_memory_report(self.out_dir, self.rank, "setup", self.engine.module, self.optimizer)

@@ -128,7 +128,7 @@ def test_resume_refuses_a_changed_run_and_allows_harmless_keys(tiny_gpt2_dir, pr
             trainer.setup()
         trainer.cleanup()
         assert f"{key}: {shown}" in str(err.value)
-    import mixdpo_ds.training.trainer as trainer_module
+    import mixdpo_ds.training.trainer_setup as trainer_module
 
     calls = []
     real = trainer_module.pretrain_gate_on_labels

@@ -97,13 +97,20 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
     out["ceilings"] = {"oracle_routed": ceil["oracle_routed_accuracy"]["all"],
                        "best_mixture": ceil["best_mixture_accuracy"]["all"],
                        "best_single_reward": ceil["best_single_reward_accuracy"]["all"]}
-    out["bayes_curve"] = few_shot_curve(bayes_rows(test, rcfg, ceil["prior"]), a["shots"], repeats=a["repeats"],
-                                        seed=seed, temperature=[1.0])
+    brows = bayes_rows(test, rcfg, ceil["prior"])
+    out["bayes_curve"] = few_shot_curve(brows, a["shots"], repeats=a["repeats"], seed=seed, temperature=[1.0])
+    # where the N = 5 gap comes from: the same protocol on each annotator group's users alone, model and true rules
+    groups = sorted({r["group"] for r in rows if r.get("group")})
+    out["by_group"] = {g: {"model": few_shot_curve([r for r in rows if r["group"] == g], a["shots"],
+                                                   repeats=a["repeats"], seed=seed,
+                                                   temperature=out["calibration"]["user"]["temperature"]),
+                           "bayes": few_shot_curve([r for r in brows if r["group"] == g], a["shots"],
+                                                   repeats=a["repeats"], seed=seed, temperature=[1.0])}
+                       for g in groups}
     out["seconds"] = time.perf_counter() - t0
     if a.get("rows_dir"):
         with open(os.path.join(a["rows_dir"], f"rows_seed{seed}.json"), "w") as f:
-            json.dump({"calibration": cal_rows, "test": rows, "dpo": dpo_rows, "bayes": bayes_rows(test, rcfg,
-                       ceil["prior"])}, f)
+            json.dump({"calibration": cal_rows, "test": rows, "dpo": dpo_rows, "bayes": brows}, f)
     shutil.rmtree(prep["root"], ignore_errors=True)
     return out
 
@@ -163,6 +170,17 @@ def tables(results: list[dict], shots: list[int]) -> list[str]:
             ("ceiling: oracle routed (true rule of each group)", col(lambda r: r["ceilings"]["oracle_routed"]))]
     lines += ["", "| same query pairs | mean ± sd | worst seed |", "|---|---|---|"]
     lines += [f"| {name} | {fmt(v)} | {(max(v) if 'posterior at' in name else min(v)):.3f} |" for name, v in flat]
+    lines += ["", f"| each group's users alone, N = {shots[j5]} (T fitted per user) | posterior | argmax q = matched "
+              "expert | oracle routed | gap | Bayes: posterior | Bayes: oracle routed | Bayes: gap |",
+              "|---|---|---|---|---|---|---|---|"]
+    for g in sorted(results[0].get("by_group", {})):
+        m = col(lambda r, g=g: r["by_group"][g]["model"])
+        b = col(lambda r, g=g: r["by_group"][g]["bayes"])
+        lines.append(f"| {g} | {fmt([c['accuracy']['calibrated'][j5] for c in m])} | "
+                     f"{fmt([c['routing']['calibrated'][j5] for c in m])} | {fmt([c['oracle_routed'] for c in m])} | "
+                     f"{fmt([c['oracle_routed'] - c['accuracy']['calibrated'][j5] for c in m])} | "
+                     f"{fmt([c['accuracy']['raw'][j5] for c in b])} | {fmt([c['oracle_routed'] for c in b])} | "
+                     f"{fmt([c['oracle_routed'] - c['accuracy']['raw'][j5] for c in b])} |")
     lines += ["", "| calibration (fitted on the calibration pairs) | T | ECE before → after (calibration pairs) | "
               "ECE before → after (few-shot users' pairs) | NLL before → after (few-shot users) |",
               "|---|---|---|---|---|"]

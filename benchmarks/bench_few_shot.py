@@ -68,7 +68,7 @@ def bayes_rows(rows: list[dict], rcfg: ReviewsConfig, prior: list[float]) -> lis
 def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
     """Data + SFT, the Mix-DPO and DPO runs, calibration and the few-shot curves of one seed."""
     from mixdpo_ds.training.evaluate import score_pairs
-    from mixdpo_ds.training.personalize import calibration_report, few_shot_curve
+    from mixdpo_ds.training.personalize import calibration_report, few_shot_curve, matched_experts
 
     t0 = time.perf_counter()
     prep = prepare_seed(cfg, seed, tokenizer_dir)
@@ -101,12 +101,11 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
     out["bayes_curve"] = few_shot_curve(brows, a["shots"], repeats=a["repeats"], seed=seed, temperature=[1.0])
     # where the N = 5 gap comes from: the same protocol on each annotator group's users alone, model and true rules
     groups = sorted({r["group"] for r in rows if r.get("group")})
-    out["by_group"] = {g: {"model": few_shot_curve([r for r in rows if r["group"] == g], a["shots"],
-                                                   repeats=a["repeats"], seed=seed,
-                                                   temperature=out["calibration"]["user"]["temperature"]),
-                           "bayes": few_shot_curve([r for r in brows if r["group"] == g], a["shots"],
-                                                   repeats=a["repeats"], seed=seed, temperature=[1.0])}
-                       for g in groups}
+    match = {"model": matched_experts(rows), "bayes": matched_experts(brows)}  # over all groups, then each alone
+    temps = {"model": out["calibration"]["user"]["temperature"], "bayes": [1.0]}
+    out["by_group"] = {g: {k: few_shot_curve([r for r in rs if r["group"] == g], a["shots"], repeats=a["repeats"],
+                                             seed=seed, temperature=temps[k], oracle_experts=match[k])
+                           for k, rs in (("model", rows), ("bayes", brows))} for g in groups}
     out["seconds"] = time.perf_counter() - t0
     if a.get("rows_dir"):
         with open(os.path.join(a["rows_dir"], f"rows_seed{seed}.json"), "w") as f:

@@ -167,8 +167,9 @@ def personalize(run_dir: str, pairs_path: str, user: str | None = None,
 
 
 # ------------------------------------------------------------------------------------------- the few-shot curve
-def _oracle_experts(rows: list[dict]) -> dict[int, int] | None:
-    """group id → its matched expert (best-permutation matching of argmax resp, as evaluate's recovery)."""
+def matched_experts(rows: list[dict]) -> dict[int, int] | None:
+    """group id → its matched expert (best-permutation matching of argmax resp over all of `rows`' groups, as
+    evaluate's recovery); None without a group column."""
     from mixdpo_ds.training.evaluate import recovery_accuracy
 
     grouped = [r for r in rows if r.get("group_id", -1) >= 0]
@@ -216,7 +217,7 @@ def _one_draw(rs: list[dict], margins: torch.Tensor, prior: torch.Tensor, order:
 
 def few_shot_curve(rows: list[dict], shots: list[int], repeats: int = 5, seed: int = 0,
                    temperature: list[float] | None = None, per_expert: bool = False,
-                   dpo_rows: list[dict] | None = None) -> dict:
+                   dpo_rows: list[dict] | None = None, oracle_experts: dict[int, int] | None = None) -> dict:
     """Per user: N of their pairs as context, accuracy on the rest, for each N in `shots` (docs/math.md §13.4).
 
     Per user and repeat, one random order of the user's pairs: the first N are the context, the pairs after the
@@ -225,7 +226,8 @@ def few_shot_curve(rows: list[dict], shots: list[int], repeats: int = 5, seed: i
     ("calibrated": `temperature`, or cross-fitted over two folds of users when None); next to it on the same
     query pairs: the global mixture (evaluate's p_mixture), DPO (`dpo_rows`: the same data scored by a K = 1 run)
     and, with a group column, the oracle-routed accuracy (each user's group's matched expert, Δ > 0) and the
-    share of users whose argmax q is that expert ("routing").
+    share of users whose argmax q is that expert ("routing"). `oracle_experts` (group id → expert) gives the
+    matching when `rows` are a subset (one group's users): matched on the subset alone, it would be arbitrary.
     """
     shots = sorted(set(int(n) for n in shots))
     if not shots or shots[0] < 0:
@@ -243,7 +245,7 @@ def few_shot_curve(rows: list[dict], shots: list[int], repeats: int = 5, seed: i
         raise ValueError(f"few-shot: no user has more than max(N) = {shots[-1]} pairs (users: {len(skipped)})")
     temps = ({u: torch.tensor(temperature, dtype=torch.float64) for u in by_user} if temperature is not None
              else _crossfit_temperatures(by_user, per_expert))
-    oracle = _oracle_experts(rows)
+    oracle = oracle_experts if oracle_experts is not None else matched_experts(rows)
     dpo = {r["index"]: r["margins"][0] for r in dpo_rows} if dpo_rows is not None else None
     rng = np.random.default_rng(seed)
     acc = {"raw": [[] for _ in shots], "calibrated": [[] for _ in shots]}

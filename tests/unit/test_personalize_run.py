@@ -17,6 +17,7 @@ from mixdpo_ds.training.personalize import (
     calibration_report,
     few_shot_curve,
     load_user_store,
+    matched_experts,
     personalize,
     posterior_weights,
     user_weights,
@@ -50,6 +51,17 @@ def test_few_shot_curve_by_hand():
     assert c["global_mixture"] == 0.0 and c["oracle_routed"] == 1.0 and c["dpo"] == pytest.approx(0.5, abs=0.2)
     assert c["routing"]["raw"][1:] == [1.0, 1.0]  # N = 0: q = w, a tie, argmax picks expert 0 (half the users)
     assert c["routing"]["raw"][0] == 0.5
+
+
+def test_one_groups_users_alone_keep_the_matching_of_all_groups():
+    """Group 1's users alone: matched on them only, group ids 0..1 against experts 0..1 leave group 1's expert to
+    the matching of an empty group 0; with the mapping of all rows (group 1 → expert 1) the oracle is right."""
+    rows = _rows()
+    assert matched_experts(rows) == {0: 0, 1: 1}
+    one = [r for r in rows if r["group_id"] == 1]
+    c = few_shot_curve(one, [1], repeats=2, temperature=[1.0], oracle_experts=matched_experts(rows))
+    assert c["oracle_routed"] == 1.0 and c["routing"]["raw"] == [1.0]
+    assert few_shot_curve(one, [1], repeats=2, temperature=[1.0], oracle_experts={0: 1, 1: 0})["oracle_routed"] == 0.0
 
 
 def test_few_shot_needs_users_with_enough_pairs():

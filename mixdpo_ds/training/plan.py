@@ -16,7 +16,7 @@ model.dtype; docs/scaling.md has the derivation of each):
     activations       saved tensors of the transformers that train, per micro batch (2·micro_batch rows × max_length)
     logits            the expert log-prob kernel's working memory (chunked: tiles; naive: (N_tok, K, V) in fp32)
     DeepSpeed working set   ZeRO-0's flat all-reduce copy of the gradients, the reduce bucket, a full gradient
-                      before ZeRO-2/3 reduce it, ZeRO-3's gathered modules
+                      before ZeRO-2/3 reduce it, ZeRO-3's gathered copies on W > 1 ranks
     runtime           the process baseline: Python + torch + transformers + DeepSpeed imported (measured on CPU)
 
 The layer-activation constants assume SDPA attention (no (T, T) score matrix kept) and no dropout
@@ -275,8 +275,9 @@ ALLREDUCE_BUCKET = 500_000_000  # deepspeed engine.py MEMORY_OPT_ALLREDUCE_SIZE:
 def _zero_rows(t: _Tensors, ds: dict, stage: int, world: int, P: int, shape: Shape) -> list[tuple[str, int, str]]:
     """DeepSpeed's transient buffers. ZeRO-0: the all-reduce flattens the gradients into buckets of 5e8 elements
     (a copy, also on one rank). ZeRO-1/2/3: the reduce bucket; ZeRO-2/3: the full gradient of the largest trainable
-    tensor before it is reduced; ZeRO-3: the prefetched / gathered modules (the root's K heads stay gathered through
-    the whole forward and backward)."""
+    tensor before it is reduced; ZeRO-3 on W > 1 ranks: the gathered parameters, each a fresh full copy (on one rank
+    a partition is the tensor itself): the root's K heads (whole through the forward and backward), the embedding
+    (V, H) (gathered alone), up to `stage3_max_live_parameters` and the prefetch bucket, at most all of them."""
     if stage == 0:
         flat = min(t.trainable, ALLREDUCE_BUCKET + t.largest_trainable) * P
         return [("DeepSpeed working set", flat, "the gradient all-reduce's flat copy")]
@@ -287,10 +288,13 @@ def _zero_rows(t: _Tensors, ds: dict, stage: int, world: int, P: int, shape: Sha
     full_grad = t.largest_trainable * P
     if stage == 2:
         return [("DeepSpeed working set", bucket + full_grad, "reduce bucket + one tensor's full gradient")]
-    prefetch = min(int(zero.get("stage3_prefetch_bucket_size", 5e7)), t.trainable + t.frozen)
-    gathered = (t.gathered + max(shape.layer_params(), prefetch)) * P
+    if world == 1:
+        return [("DeepSpeed working set", bucket + full_grad, "reduce bucket + one full gradient (1 rank: nothing "
+                                                              "to gather)")]
+    live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
+    gathered = min(t.gathered + shape.vocab * shape.hidden + live, t.trainable + t.frozen) * P
     return [("DeepSpeed working set", bucket + full_grad + gathered,
-             "reduce bucket + one full gradient + gathered heads + prefetched layers")]
+             "reduce bucket + one full gradient + gathered copies (heads, embedding, live + prefetched layers)")]
 
 
 def plan_memory(cfg, world_size: int = 1, model_config=None, *, sharded_reference: bool = True,

@@ -157,8 +157,22 @@ def test_checkpointing_keeps_only_layer_inputs():
 def test_working_set_by_stage():
     ws = [_plan(2, stage).bytes_of("DeepSpeed working set") for stage in (0, 1, 2, 3)]
     # ZeRO-0: the all-reduce's flat copy of the 3200 gradients; ZeRO-1: the reduce bucket (all 3200); ZeRO-2: + the
-    # heads' full gradient; ZeRO-3: + the gathered heads + the prefetched parameters (all 8240)
-    assert ws == [4 * 3200, 4 * 3200, 4 * 3200 + 4 * 3200, 4 * 3200 + 4 * 3200 + 4 * (3200 + 8240)]
+    # heads' full gradient; ZeRO-3 on 2 ranks: + gathered copies of heads 3200 + embedding 1600 + live and prefetched
+    # parameters, capped at all 8240 parameters
+    assert ws == [4 * 3200, 4 * 3200, 4 * 3200 + 4 * 3200, 4 * 3200 + 4 * 3200 + 4 * 8240]
+    # one rank gathers nothing (each partition is the whole tensor)
+    assert _plan(1, 3).bytes_of("DeepSpeed working set") == 4 * 3200 + 4 * 3200
+
+
+def test_zero3_gathers_the_heads_embedding_and_the_live_parameters():
+    """GPT-2 medium (V = 50,257, H = 1024, frozen trunk 354.8 M): heads K = 2 x V·H = 102,926,336 and the embedding
+    V·H = 51,463,168 gathered whole; ds_configs/zero3.json keeps up to 1e8 live parameters + a 5e7 prefetch bucket;
+    304.4 M in all, under the 457.8 M total, so the cap does not bind."""
+    cfg = load_config(None, ["model.name_or_path=x", "deepspeed.config=zero3", "experts.num_experts=2"])
+    ws = plan_memory(cfg, 2, "gpt2-medium", runtime_bytes=0).bytes_of("DeepSpeed working set")
+    VH = 50257 * 1024
+    bucket, full_grad = 4 * 50_000_000, 4 * 2 * VH
+    assert ws == bucket + full_grad + 4 * (2 * VH + VH + 100_000_000 + 50_000_000)
 
 
 def test_total_is_the_sum_and_the_table_lists_every_row():

@@ -160,8 +160,8 @@ class TrainConfig:
         "help": "CPU runs on glibc (Linux): allocations of at least this many MiB are served by mmap, so a freed "
                 "tensor's pages return to the OS at once and the resident memory follows the live tensors "
                 "(training/memory.py; glibc's own threshold grows to 32 MiB and keeps freed heap pages). 0 leaves "
-                "glibc's default (faster: the threshold costs page faults, 6-15 % of tokens/s measured). Changes no value that "
-                "is computed."})
+                "glibc's default (faster: the threshold costs page faults, 6-15 % of tokens/s measured). Changes no "
+                "value that is computed."})
     reference: str = field(default="model", metadata={"help": f"One of {list(REFERENCE_MODES)}: frozen reference "
                                                               "model each step, or log-probs precomputed and cached."})
     reference_cache_dir: str | None = field(default=None, metadata={"help": "Cache dir for precomputed reference "

@@ -272,6 +272,13 @@ def _logits_what(cfg, n_tok: int) -> str:
 ALLREDUCE_BUCKET = 500_000_000  # deepspeed engine.py MEMORY_OPT_ALLREDUCE_SIZE: ZeRO-0's gradient all-reduce
 
 
+def _zero_int(zero: dict, key: str, default: float) -> int:
+    """A ZeRO size from the engine JSON; DeepSpeed's default where it is absent or "auto" (an HF Trainer-style
+    config, whose "auto" transformers fills in from the model)."""
+    value = zero.get(key, default)
+    return int(value if isinstance(value, (int, float)) else default)
+
+
 def _zero_rows(t: _Tensors, ds: dict, stage: int, world: int, P: int, shape: Shape) -> list[tuple[str, int, str]]:
     """DeepSpeed's transient buffers. ZeRO-0: the all-reduce flattens the gradients into buckets of 5e8 elements
     (a copy, also on one rank). ZeRO-1/2/3: the reduce bucket; ZeRO-2/3: the full gradient of the largest trainable
@@ -282,7 +289,7 @@ def _zero_rows(t: _Tensors, ds: dict, stage: int, world: int, P: int, shape: Sha
         flat = min(t.trainable, ALLREDUCE_BUCKET + t.largest_trainable) * P
         return [("DeepSpeed working set", flat, "the gradient all-reduce's flat copy")]
     zero = ds.get("zero_optimization") or {}
-    bucket = min(int(zero.get("reduce_bucket_size", 5e8)), t.trainable) * P
+    bucket = min(_zero_int(zero, "reduce_bucket_size", 5e8), t.trainable) * P
     if stage == 1:
         return [("DeepSpeed working set", bucket, "reduce bucket")]
     full_grad = t.largest_trainable * P
@@ -291,7 +298,7 @@ def _zero_rows(t: _Tensors, ds: dict, stage: int, world: int, P: int, shape: Sha
     if world == 1:
         return [("DeepSpeed working set", bucket + full_grad, "reduce bucket + one full gradient (1 rank: nothing "
                                                               "to gather)")]
-    live = int(zero.get("stage3_max_live_parameters", 1e9)) + int(zero.get("stage3_prefetch_bucket_size", 5e7))
+    live = _zero_int(zero, "stage3_max_live_parameters", 1e9) + _zero_int(zero, "stage3_prefetch_bucket_size", 5e7)
     gathered = min(t.gathered + shape.vocab * shape.hidden + live, t.trainable + t.frozen) * P
     return [("DeepSpeed working set", bucket + full_grad + gathered,
              "reduce bucket + one full gradient + gathered copies (heads, embedding, live + prefetched layers)")]

@@ -224,3 +224,15 @@ def test_grid_has_one_row_per_cell():
     text = grid_markdown(models=("llama-3-8b",), experts=(2, 4), kinds=("heads",), stages=(3,), worlds=(8, 64))
     lines = text.splitlines()
     assert len(lines) == 2 + 4 and lines[2].startswith("| llama-3-8b | heads | 2 | 3 | 8 |")
+
+
+def test_auto_zero_sizes_fall_back_to_deepspeeds_defaults(tmp_path):
+    """HF Trainer-style configs say "auto" for the bucket sizes: the plan uses DeepSpeed's defaults (reduce bucket
+    5e8, live 1e9, prefetch 5e7), which on this small model cap at its parameter counts."""
+    import json
+
+    path = tmp_path / "zero3_auto.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                                      "stage3_prefetch_bucket_size": "auto"}}))
+    ws = _plan(2, 3, f"deepspeed.config={path}").bytes_of("DeepSpeed working set")
+    assert ws == 4 * 3200 + 4 * 3200 + 4 * 8240  # as with numbers: bucket = all 3200 trainable, gathered = all 8240

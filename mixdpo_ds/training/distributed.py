@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +26,10 @@ import torch
 import torch.distributed as torch_dist
 
 from mixdpo_ds.compat import deepspeed_shm_comm_disabled, hf_deepspeed_config_suspended
+
+log = logging.getLogger("mixdpo_ds")
+SHM_OP = "deepspeed_shm_comm"   # DeepSpeed's CPU all-reduce op, JIT-built by torch's cpp_extension once per machine
+STALE_LOCK_S = 600.0            # a live build holds its lock for about a minute
 
 
 def shm_buffer_path() -> str:
@@ -37,6 +43,29 @@ def shm_buffer_path() -> str:
 def _remove_shm_buffer(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # other ranks' existing mappings stay valid; the name is what leaks
+
+
+def remove_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_LOCK_S) -> bool:
+    """A process killed while torch JIT-builds an extension leaves `lock` in the extension's build directory, and
+    every later build of it then waits on that file forever, without a message (torch's FileBaton). Remove such a
+    lock when it is older than `older_than_s` and the built library is already there, with a warning; True when one
+    was removed. Only the node's first rank calls it (two ranks must not race on one lock)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = _get_build_directory(name, verbose=False)
+    lock, built = os.path.join(build, "lock"), os.path.join(build, f"{name}.so")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return False
+    if age < older_than_s or not os.path.exists(built):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock)
+    log.warning("removed a stale build lock %s (%.0f s old, %s already built): a process was killed while "
+                "compiling DeepSpeed's CPU all-reduce op, and every multi-rank run would have waited on it", lock,
+                age, built)
+    return True
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
@@ -77,6 +106,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     # Ranks on several nodes never use it either (DeepSpeed's CPU backend takes it only when LOCAL_SIZE == WORLD_SIZE).
     local = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
     unused = os.environ["WORLD_SIZE"] == "1" or local != os.environ["WORLD_SIZE"]
+    if not unused and backend == "gloo" and os.environ.get("LOCAL_RANK", "0") == "0":
+        remove_stale_build_lock()  # else every rank would sleep on it (README "Known limitations")
     with deepspeed_shm_comm_disabled() if unused else contextlib.nullcontext():
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     atexit.register(_remove_shm_buffer, shm_buffer_path())

@@ -150,7 +150,7 @@ def _plan(args) -> int:
     try:
         plan = plan_memory(cfg, args.world_size, args.model)
     except OSError as e:  # no config.json there and no hub: say so in one line, not transformers' traceback
-        from mixdpo_ds.training.plan import PRESETS
+        from mixdpo_ds.training.model_shapes import PRESETS
 
         raise SystemExit(f"mixdpo plan: cannot read the model config of model.name_or_path="
                          f"{cfg.model.name_or_path!r} ({str(e).splitlines()[0]}); give a local model directory or "

@@ -68,6 +68,12 @@ def remove_stale_build_lock(name: str = SHM_OP, older_than_s: float = STALE_LOCK
     return True
 
 
+def on_cpu() -> bool:
+    """True when DeepSpeed's accelerator is the CPU (the run's tensors live in host memory)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cpu"
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
     """Initialise torch.distributed through DeepSpeed once (no-op when already initialised).
 
@@ -100,7 +106,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
                 sock.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     if backend is None:
-        backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+        backend = "gloo" if on_cpu() else get_accelerator().communication_backend_name()
     # One process never all-reduces through shared memory: skip DeepSpeed's JIT build of that op (docs/deepspeed.md
     # §13). Several ranks build it once per machine (torch's extension cache, one rank compiles under a file lock).
     # Ranks on several nodes never use it either (DeepSpeed's CPU backend takes it only when LOCAL_SIZE == WORLD_SIZE).
@@ -111,12 +117,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
     with deepspeed_shm_comm_disabled() if unused else contextlib.nullcontext():
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     atexit.register(_remove_shm_buffer, shm_buffer_path())
-
-
-def on_cpu() -> bool:
-    """True when DeepSpeed's accelerator is the CPU (the run's tensors live in host memory)."""
-    from deepspeed.accelerator import get_accelerator
-    return get_accelerator().device_name() == "cpu"
 
 
 def is_initialized() -> bool:

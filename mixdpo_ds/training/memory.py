@@ -99,14 +99,21 @@ def tensor_bytes(module: torch.nn.Module, optimizer=None) -> dict[str, int]:
             "optimizer_state_bytes": states, "master_weight_bytes": master}
 
 
+def _glibc():
+    """glibc through ctypes, or None (another libc, macOS, Windows: the allocator calls below do nothing)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def release_free_heap() -> bool:
     """Hand freed heap memory back to the OS (glibc `malloc_trim(0)`): loading a model under ZeRO-3 reads whole
     tensors and keeps only each rank's partition, and glibc keeps the freed pages resident; False where there is
     no glibc."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc else False
 
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
@@ -122,10 +129,8 @@ def mmap_large_allocations(threshold_bytes: int) -> bool:
     ranks that kept 1.9 GB per rank above the live tensors at the peak (benchmarks/RESULTS.md). Setting the
     threshold also turns glibc's dynamic adjustment off. The cost is a page fault per page of each new large
     tensor."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes))) if libc else False
 
 
 def reset_peak_rss() -> bool:

@@ -10,16 +10,8 @@ from mixdpo_ds.cli import main
 from mixdpo_ds.model.expert_init import build_lora
 from mixdpo_ds.model.experts import ExpertsConfig, build_policy
 from mixdpo_ds.training.config import load_config
-from mixdpo_ds.training.plan import (
-    PRESETS,
-    Shape,
-    format_plan,
-    grid_markdown,
-    log_plan,
-    plan_memory,
-    policy_tensors,
-    preset_config,
-)
+from mixdpo_ds.training.model_shapes import PRESETS, Shape, preset_config
+from mixdpo_ds.training.plan import format_plan, grid_markdown, log_plan, plan_memory, policy_tensors
 
 LLAMA_TINY = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4,
                   num_key_value_heads=2)

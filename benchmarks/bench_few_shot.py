@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--mixdpo", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides of the Mix-DPO run only (e.g. experts.head_rank=4); DPO stays the demo's")
+    p.add_argument("--demo", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="DemoConfig fields of every run (e.g. n_embd=128 sft_steps=400: the base model both Mix-DPO "
+                        "and DPO start from)")
     p.add_argument("--fast", action="store_true", help="the demo's --fast sizes: a smoke test")
     p.add_argument("--append", default=None, metavar="FILE", help="append the tables (markdown) to FILE")
     p.add_argument("--figure", default=None, metavar="PNG", help="write the few-shot curve figure")
@@ -255,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     out = tempfile.mkdtemp(prefix="mixdpo_few_shot_")
     cfg = DemoConfig(out=out, seeds=a.seeds, fast=a.fast, workers=a.workers, progress_bar=False)
     cfg.user_gate = False
+    for item in a.demo:
+        key, _, value = item.partition("=")
+        if not hasattr(cfg, key) or not value:
+            raise SystemExit(f"--demo {item!r}: not FIELD=VALUE with FIELD one of DemoConfig's")
+        setattr(cfg, key, type(getattr(cfg, key))(value))
     t0 = time.perf_counter()
     tokenizer_dir = os.path.join(out, "runs", "tokenizer")
     build_review_tokenizer(tokenizer_dir)
@@ -276,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     c = results[0]["curves"]["user"]
     # --mixdpo overrides change the Mix-DPO run only (its steps among them); the header says so
     mix_note = (f" (Mix-DPO with {' '.join(a.mixdpo)}; DPO as the demo's)" if a.mixdpo else "")
+    mix_note += f"; demo fields {' '.join(a.demo)} for both" if a.demo else ""
     head = [f"### Few-shot personalisation of Mix-DPO ({a.seeds} seed(s): mean ± sd, worst seed)", "",
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, torch "
             f"{torch.__version__}, {a.workers} worker(s) × 1 thread); commit {commit()}; date "

@@ -39,9 +39,12 @@ def test_fused_equals_separate(case, tiny_gpt2_dir, prefs_jsonl, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (case, a["step"], key)
     (_, separate), (_, fused) = trained_policy(runs["never"]), trained_policy(runs["always"])
+    # weights after 4 AdamW steps: an update moves by up to lr/ε = 100× a gradient's rounding difference, and a
+    # later step's gradient feeds on the earlier weights, so the two summation orders drift by a few 1e-5 on some
+    # CPUs (seen: 3.2e-5 on 9 of 5940 elements); a wrong gradient moves a weight by ~lr = 1e-2 a step, 100× atol
     moved = 0
     for (name, p), q in zip(separate.named_parameters(), fused.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{case} {name}: {m}")
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{case} {name}: {m}")
         moved += p.requires_grad
     assert moved > 0
 

@@ -82,6 +82,8 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
     rcfg = ReviewsConfig(task="multi", num_train=a["calibration_pairs"], num_sft=1, seed=10_000 + seed,
                          num_test=a["pairs_per_user"] * 3 * a["users_per_group"], users_per_group=a["users_per_group"])
     paths = write_task(rcfg, os.path.join(prep["root"], "data", "few_shot"))
+    for split in ("train", "test"):  # new users: ids the training data cannot have, so a user-id gate routes them
+        _rename_users(paths[split])  # by its shared no-user row, never by a training user's row of the same name
     mix_dir, dpo_dir = (os.path.dirname(runs[n]["export"]) for n in ("mixdpo", "dpo_multi"))
     cal_rows = score_pairs(mix_dir, paths["train"], batch_size=100)["rows"]
     rows = score_pairs(mix_dir, paths["test"], batch_size=100)["rows"]
@@ -112,6 +114,14 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
             json.dump({"calibration": cal_rows, "test": rows, "dpo": dpo_rows, "bayes": brows}, f)
     shutil.rmtree(prep["root"], ignore_errors=True)
     return out
+
+
+def _rename_users(path: str, prefix: str = "new_") -> None:
+    """Rewrite a jsonl file with every `user` value prefixed (the few-shot users are not the training annotators)."""
+    rows = read_jsonl(path)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "user": prefix + str(r["user"])}) + "\n")
 
 
 def calibration_report_on(rows: list[dict], cal: dict) -> dict:

@@ -43,11 +43,6 @@ class GateConfig:
                 "categories (categorical), dim (categorical embedding size, 4), size (numeric length, 1)}",
         "items": UserFeatureSpec})
     user_dim: int = field(default=16, metadata={"help": "moe: user embedding size"})
-    user_dropout: float = field(default=0.0, metadata={
-        "help": "features=…user: share of training pairs the gate sees as 'no user' (id −1, the shared row), so that "
-                "row learns the population's mixture, the prior of every user the training data did not have "
-                "(few-shot personalisation, evaluation, generation; docs/math.md §13.5). A pair's draw depends on "
-                "(train.seed, step, pair index) alone, so resume repeats it. 0: the row is never trained"})
     num_users: int | None = field(default=None, metadata={"help": "number of user ids (None: from the data)"})
     rho: float = field(default=1.0, metadata={"help": "mix: closed-form step size in (0, 1]; 1 = minibatch "
                                                       "replacement (D.4)"})
@@ -96,8 +91,6 @@ class GateConfig:
         self.user_features = [asdict(s) for s in parse_specs(self.user_features)]  # validated, stored as mappings
         if self.mlp_hidden < 1 or self.user_dim < 1:
             raise ValueError("gate.mlp_hidden and gate.user_dim must be >= 1")
-        if not 0 <= self.user_dropout < 1:
-            raise ValueError(f"gate.user_dropout={self.user_dropout}: must be in [0, 1)")
         if self.num_users is not None and self.num_users < 0:
             raise ValueError(f"gate.num_users={self.num_users}: must be >= 0")
         if self.trust_region < 0:

@@ -98,25 +98,3 @@ def batches(data: list[dict], batch_size: int, seed: int, epoch: int, start: int
     for s in range(start, num_batches(len(data), batch_size, world_size, drop_last)):
         lo = s * step + rank * batch_size
         yield [data[i] for i in perm[lo:lo + batch_size]]
-
-
-def drop_users(user_ids: torch.Tensor, index: torch.Tensor, step: int, seed: int, rate: float) -> torch.Tensor:
-    """user_ids (B,) with a share `rate` of the pairs set to −1 (no user): `gate.user_dropout`, which trains the
-    gate's shared no-user row on the population (docs/math.md §13.5). Pair i is dropped when a 32-bit hash of
-    (seed, step, index_i) is below rate · 2³², so the draw needs no generator state and resume repeats it."""
-    if rate <= 0:
-        return user_ids
-    keep = [_hash32(seed, step, int(i)) >= rate * 2 ** 32 for i in index.tolist()]
-    return torch.where(torch.tensor(keep, device=user_ids.device), user_ids, torch.full_like(user_ids, -1))
-
-
-def _hash32(*values: int) -> int:
-    """A 32-bit mix of non-negative ints (the murmur3 finaliser after a multiplicative combine)."""
-    x = 0
-    for v in values:
-        x = (x * 0x9E3779B1 + v + 0x7F4A7C15) & 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
-    return x ^ (x >> 16)

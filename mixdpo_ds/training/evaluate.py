@@ -160,13 +160,9 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
                  "their features (gate.user_features)", len(unknown), len(data.train))
     elif unknown and gate is not None and getattr(gate.cfg, "uses_user", False):
         names = sorted({name for name, i in data.user_vocab.items() if user_map[i] < 0})
-        dropout = getattr(gate.cfg, "user_dropout", 0.0)
-        trained = (f"trained on {dropout:.0%} of the training pairs (gate.user_dropout)" if dropout > 0 else
-                   "which training fit only if some training pairs had no user: with gate.user_dropout = 0 it is "
-                   "not the population's mixture, so a few-shot prior from it is arbitrary (docs/math.md §13.5)")
         log.warning("evaluate: %d of %d pairs have a user the training data did not have (%d users, e.g. %s); the "
-                    "gate routes them by its shared no-user row, %s", len(unknown), len(data.train), len(names),
-                    ", ".join(repr(n) for n in names[:5]), trained)
+                    "gate routes them by its shared no-user row", len(unknown), len(data.train), len(names),
+                    ", ".join(repr(n) for n in names[:5]))
     group_names = {i: name for name, i in data.group_vocab.items()}
     rows, examples = [], data.train
     non_finite = {"margins": 0, "w": 0}  # pairs with a NaN / inf expert margin, gate weight

@@ -38,7 +38,7 @@ from mixdpo_ds.kernels import mbt_loss
 from mixdpo_ds.model.experts import PolicyOutput
 from mixdpo_ds.model.lowrank_heads import FusedLoss
 from mixdpo_ds.training import checkpoint as ckpt
-from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, drop_users, model_inputs
+from mixdpo_ds.training.batch import as_pairs, batches, chosen_prompt_features, collate, model_inputs
 from mixdpo_ds.training.build import (
     skippable_adamw,
 )
@@ -110,11 +110,7 @@ class MixDPOTrainer(TrainerSetup):
         examples = next(batches(self.data.train, t.micro_batch_size, t.seed, self.epoch, start=self.batch_in_epoch,
                                 rank=self.rank, world_size=self.world))
         self.batch_in_epoch += 1
-        batch = self._collate(examples)
-        gate = self.cfg.gate
-        if gate.uses_user_embedding and gate.user_dropout > 0:  # trains the no-user row: the unseen users' prior
-            batch["user_ids"] = drop_users(batch["user_ids"], batch["index"], self.step, t.seed, gate.user_dropout)
-        return batch
+        return self._collate(examples)
 
     def policy_forward(self, batch: dict):
         """PolicyOutput: logps (2B, K), prompt_features (2B, H) detached, ref_logps (2B,) for frozen-trunk heads."""

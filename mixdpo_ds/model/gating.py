@@ -8,7 +8,8 @@
   (`model/user_features.py`, paper App. G: routes unseen users), concatenated; trained
   by the gate loss (eq. 12) or pre-trained on a label column (`pretrain_gate`, the paper's §4.2 classifier).
 
-Users: ids 0..num_users-1; -1 (no user) maps to one extra learned row, index num_users.
+Users: ids 0..num_users-1; -1 (no user) maps to one extra learned row, index num_users. A user the training data
+did not have is routed by `population_log_w`, the mean of the training users' weights (docs/math.md §13.5).
 """
 from __future__ import annotations
 
@@ -227,6 +228,23 @@ class MoEGate(nn.Module):
     @property
     def net_dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
+
+    @torch.no_grad()
+    def population_log_w(self, prompt_features: torch.Tensor | None, batch_size: int,
+                         chunk: int = 256) -> torch.Tensor:
+        """(B, K) log w̄(x) = log (1/U) Σ_u w(x, u) over the U training users' rows: the prior of a user the
+        training data did not have under the per-user model (one latent expert per user, z_u ~ w̄; docs/math.md
+        §13.5). The shared no-user row is no such prior: no training pair reaches it. `chunk` users per forward."""
+        if self.user_embedding is None or not self.num_users:
+            raise ValueError("population_log_w needs a gate on user ids (gate.features …user) with training users")
+        total = None
+        for ids in torch.arange(self.num_users, device=self.user_embedding.weight.device).split(chunk):
+            n = ids.numel()  # rows user-major: user j's copy of the batch is rows j·B..(j+1)·B-1
+            feats = None if prompt_features is None else prompt_features.repeat(n, 1)
+            part = torch.logsumexp(self(feats, ids.repeat_interleave(batch_size), batch_size=n * batch_size)
+                                   .view(n, batch_size, -1), dim=0)
+            total = part if total is None else torch.logaddexp(total, part)
+        return total - math.log(self.num_users)
 
 
 def build_gate(cfg: GateConfig, num_experts: int, hidden_size: int, num_users: int | None = None,

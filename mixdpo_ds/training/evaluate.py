@@ -21,7 +21,8 @@ under-report; `method` in the summary says which).
 
 Checks: the run and its export must exist (an error names the missing directory); data.max_length must fit the
 model's positions; evaluation users the training data did not have are counted (`unknown_users` in the summary,
-and a warning when the gate routes by user id: they take the gate's shared no-user row; a gate on user features
+and a warning when the gate routes by user id: they take the population prior, the mean of the training users'
+gate weights (docs/math.md §13.5); a gate on user features
 routes every user by the features of the evaluated file, docs/ARCHITECTURE.md "User features"); pairs whose
 expert margins or gate weights are not finite (NaN / inf) make the evaluation fail with `NonFiniteError` after OUT
 and the summary (with `non_finite`) are written — their accuracy would read as a silent 0.
@@ -155,14 +156,16 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
     user_names = {i: name for name, i in data.user_vocab.items()}
     unknown = [e for e in data.train if e["user"] >= 0 and user_map[e["user"]] < 0]
     by_features = _eval_user_features(gate, cfg, data_path)  # {user: features}, or None without user features
+    population = bool(unknown) and by_features is None and getattr(gate, "user_embedding", None) is not None
     if unknown and by_features is not None:
         log.info("evaluate: %d of %d pairs have a user the training data did not have; the gate routes them by "
                  "their features (gate.user_features)", len(unknown), len(data.train))
     elif unknown and gate is not None and getattr(gate.cfg, "uses_user", False):
         names = sorted({name for name, i in data.user_vocab.items() if user_map[i] < 0})
         log.warning("evaluate: %d of %d pairs have a user the training data did not have (%d users, e.g. %s); the "
-                    "gate routes them by its shared no-user row", len(unknown), len(data.train), len(names),
-                    ", ".join(repr(n) for n in names[:5]))
+                    "gate routes them by the population prior, the mean of the %d training users' gate weights "
+                    "(docs/math.md §13.5)", len(unknown), len(data.train), len(names),
+                    ", ".join(repr(n) for n in names[:5]), len(train_users))
     group_names = {i: name for name, i in data.group_vocab.items()}
     rows, examples = [], data.train
     non_finite = {"margins": 0, "w": 0}  # pairs with a NaN / inf expert margin, gate weight
@@ -178,6 +181,10 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
         log_w = gate(feats, users, batch_size=B, **({"user_features": encoded} if encoded is not None else {})) \
             if gate is not None else torch.full((B, K), -torch.log(
             torch.tensor(float(K))).item(), device=device)
+        unseen = torch.tensor([int(u) >= 0 and user_map.get(int(u), -1) < 0 for u in batch["user_ids"]],
+                              device=device)
+        if population and unseen.any():
+            log_w = torch.where(unseen[:, None], gate.population_log_w(feats, B), log_w)
         res = mixdpo_loss(as_pairs(out.logps, B), ref, log_w, beta, posterior_correction=cfg.em.posterior_correction,
                           estep=phase.estep, mode="exact")
         w = log_w.exp()  # (B, K)

@@ -13,7 +13,8 @@ A prompt longer than the model's positions minus --max-new-tokens keeps its last
 own prefix, e.g. BOS), as training truncates prompts, with a warning; an empty prompt is an error. A --user in the
 run's user-weight store (`mixdpo personalize`, DIR/user_weights.json) is routed with its personalised weights
 (docs/math.md §13.1), whatever the gate. Otherwise a user-conditioned gate needs a --user of the training data (an
-unknown one is an error naming some known ids); without --user the pair is routed by the gate's shared no-user row.
+unknown one is an error naming some known ids); without --user it is routed by the population prior, the mean of
+the training users' gate weights (docs/math.md §13.5).
 A gate on user features (`gate.features=…user_features`) routes a new user from --user-features '{"column": value}'.
 """
 from __future__ import annotations
@@ -51,7 +52,10 @@ def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None,
         log.warning("--user-features is ignored: the run's gate (gate.features=%s) does not route by user features",
                     gate.cfg.features)
     user_id = _user_id(gate, meta, user)
-    log_w = gate.eval()(feats, torch.tensor([user_id]), batch_size=1)  # (1, K)
+    if user_id < 0 and getattr(gate, "user_embedding", None) is not None and gate.num_users:
+        log_w = gate.eval().population_log_w(feats, batch_size=1)  # no --user: the mean of the training users
+    else:
+        log_w = gate.eval()(feats, torch.tensor([user_id]), batch_size=1)  # (1, K)
     return log_w[0].exp(), gate.num_experts
 
 
@@ -70,7 +74,8 @@ def stored_user_weights(run_dir: str, user: str | None) -> torch.Tensor | None:
 
 
 def _user_id(gate, meta: dict, user: str | None) -> int:
-    """The gate's id of --user: -1 (the shared no-user row) without one; an unknown user is an error."""
+    """The gate's id of --user: -1 without one (the population prior for a user-id gate); an unknown user is an
+    error."""
     if user is None:
         return -1
     if not getattr(gate.cfg, "uses_user", False):
@@ -82,7 +87,8 @@ def _user_id(gate, meta: dict, user: str | None) -> int:
         known = ", ".join(repr(u) for u in list(vocab)[:5]) + (", …" if len(vocab) > 5 else "")
         have = f"its {len(vocab)} users include {known}" if vocab else "it had no user ids"
         raise ValueError(f"--user {user!r} is not a user of the run's training data ({have}); omit --user to route "
-                         "by the gate's shared no-user row")
+                         "by the population prior (the mean of the training users' weights), or `mixdpo personalize` "
+                         "the user from a few of their labelled pairs")
     return vocab[str(user)]
 
 

@@ -145,3 +145,28 @@ def test_moe_gate_floor_by_hand():
     torch.testing.assert_close(gate(None, torch.tensor([1])).exp(), torch.tensor([[0.1, 0.9]]))
     with pytest.raises(ValueError, match="gate.w_min=0.5: must be < 1/K"):
         build_gate(GateConfig(kind="moe", features="user", w_min=0.5), num_experts=2, hidden_size=4, num_users=2)
+
+
+def test_population_prior_by_hand():
+    """Two users, K = 2, w_min = 0: user 0 logits (0, 0) → w = (½, ½); user 1 logits (0, ln 3) → (¼, ¾); the prior
+    of a new user is their mean (⅜, ⅝), whatever the shared no-user row says (logits (0, 2) here)."""
+    gate = build_gate(GateConfig(kind="moe", features="user", user_dim=1, w_min=0.0), num_experts=2, hidden_size=4,
+                      num_users=2)
+    with torch.no_grad():
+        gate.user_embedding.weight.copy_(torch.tensor([[0.0], [1.0], [2.0 / math.log(3)]]))
+        gate.net.weight.copy_(torch.tensor([[0.0], [math.log(3)]]))
+        gate.net.bias.zero_()
+    torch.testing.assert_close(gate.population_log_w(None, batch_size=3).exp(), torch.tensor([[0.375, 0.625]] * 3))
+    torch.testing.assert_close(gate(None, torch.tensor([-1])).exp(), torch.softmax(torch.tensor([[0.0, 2.0]]), -1))
+    with pytest.raises(ValueError, match="needs a gate on user ids"):
+        build_gate(GateConfig(kind="moe", features="prompt"), 2, 4).population_log_w(torch.zeros(1, 4), 1)
+
+
+def test_population_prior_with_prompt_features_is_the_mean_over_users_per_prompt():
+    gate = build_gate(GateConfig(kind="moe", features="prompt+user", init="random", user_dim=3), num_experts=3,
+                      hidden_size=5, num_users=7, seed=1)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.stack([gate(x, torch.full((4,), u), batch_size=4).exp() for u in range(7)]).mean(0)
+    for chunk in (1, 3, 256):  # users per forward: the result does not depend on it
+        torch.testing.assert_close(gate.population_log_w(x, 4, chunk=chunk).exp(), expected)

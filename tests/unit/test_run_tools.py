@@ -91,7 +91,9 @@ def test_generate_rejects_an_unknown_user_and_lists_known_ones(user_run):
     with pytest.raises(ValueError) as e:
         generate(str(user_run), "Hello", user="nobody")
     assert str(e.value) == ("--user 'nobody' is not a user of the run's training data (its 3 users include 'alice', "
-                            "'bob', 'carol'); omit --user to route by the gate's shared no-user row")
+                            "'bob', 'carol'); omit --user to route by the population prior (the mean of the "
+                            "training users' weights), or `mixdpo personalize` the user from a few of their labelled "
+                            "pairs")
     assert generate(str(user_run), "Hello", user="carol", max_new_tokens=2)["route"] == "sample"
 
 
@@ -111,7 +113,30 @@ def test_evaluate_counts_and_warns_about_unknown_users(user_run, tmp_path, caplo
         summary = evaluate_run(str(user_run), write_rows(tmp_path / "d.jsonl", rows), str(tmp_path / "e.jsonl"))
     assert summary["unknown_users"] == 2 and summary["n"] == 6
     assert ("evaluate: 2 of 6 pairs have a user the training data did not have (2 users, e.g. 'dave', 'erin'); "
-            "the gate routes them by its shared no-user row") in caplog.text
+            "the gate routes them by the population prior, the mean of the 3 training users' gate weights") \
+        in caplog.text
+
+
+def test_unseen_users_take_the_mean_of_the_training_users_weights(tmp_path, tiny_gpt2_dir, tiny_tokenizer):
+    """A user-id gate with random rows: alice, bob, carol get their rows; dave, and generate without --user, get
+    (1/3) Σ_u w(u) of the three training users (not the shared no-user row, which no training pair reaches)."""
+    from mixdpo_ds.training.evaluate import score_pairs
+    from mixdpo_ds.training.export import load_export_gate
+
+    run = make_run(tmp_path, tiny_gpt2_dir, tiny_tokenizer, gate={"kind": "moe", "features": "user", "init": "random"})
+    gate, _ = load_export_gate(str(run / "export"))
+    with torch.no_grad():
+        rows_w = gate(None, torch.tensor([0, 1, 2, -1])).exp()     # the training users' rows and the no-user row
+    mean = rows_w[:3].mean(0)
+    assert not torch.allclose(mean, rows_w[3], atol=1e-3)          # the two priors differ for this gate
+    data = [dict(r) for r in ROWS]
+    data[0]["user"] = "dave"
+    scored = score_pairs(str(run), write_rows(tmp_path / "d.jsonl", data))["rows"]
+    by_user = {r["user"]: torch.tensor(r["w"]) for r in scored}
+    torch.testing.assert_close(by_user["dave"], mean)
+    for i, u in enumerate(USERS):
+        torch.testing.assert_close(by_user[u], rows_w[i])
+    assert generate(str(run), "Hello", max_new_tokens=1)["w"] == pytest.approx(mean.tolist(), abs=1e-6)
 
 
 def test_evaluate_checks_max_length_against_the_model(user_run, tmp_path):

@@ -7,8 +7,12 @@ labelled pairs (docs/math.md §13), against the global mixture, DPO and the orac
 
 Per seed (one process per seed, `--workers` at a time, one torch thread each, as the demo): the demo's data + SFT
 (`prepare_seed`), its multi-reward Mix-DPO run (K = 3 heads, global w, no user metadata) and its DPO baseline
-(K = 1), both with the demo's budget. Then new data from the same generator with another seed
-(`ReviewsConfig(seed=10000 + seed, users_per_group=--users-per-group)`): its `train` split (`--calibration-pairs`)
+(K = 1), both with the demo's budget; `--mixdpo KEY=VALUE` varies the Mix-DPO run, e.g. the recommended recipe
+`gate.kind=moe gate.features=user em.lambda_global=1.0 experts.head_rank=4 train.max_steps=1800 loss.beta=0.3`
+(a gate on the 9 training annotators' ids, which makes the experts identifiable, docs/math.md §13.5). Then new data
+from the same generator with another seed (`ReviewsConfig(seed=10000 + seed, users_per_group=--users-per-group)`),
+its users renamed `new_…` so that none is a training annotator (a user-id gate gives them the population prior):
+its `train` split (`--calibration-pairs`)
 calibrates the margins (`mixdpo calibrate`: one T on the per-pair mixture likelihood; one T, and one per expert,
 on the per-user evidence; docs/math.md §13.2), its `test` split holds the few-shot users (3 groups ×
 users_per_group users, `--pairs-per-user` pairs each on average). `few_shot_curve`: per user and
@@ -295,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     # --mixdpo overrides change the Mix-DPO run only (its steps among them); the header says so
     mix_note = (f" (Mix-DPO with {' '.join(a.mixdpo)}; DPO as the demo's)" if a.mixdpo else "")
     mix_note += f"; demo fields {' '.join(a.demo)} for both" if a.demo else ""
+    gate = "a user-id gate" if "user" in str(parse_overrides(a.mixdpo).get("gate", {}).get("features", "")) else \
+        "global w" if "gate" not in parse_overrides(a.mixdpo) else "gate as set below"
     head = [f"### Few-shot personalisation of Mix-DPO ({a.seeds} seed(s): mean ± sd, worst seed)", "",
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, torch "
             f"{torch.__version__}, {a.workers} worker(s) × 1 thread); commit {commit()}; date "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; command `{cmd}`; the demo's "
-            f"multi-reward Mix-DPO (K = 3, global w) and DPO runs, {cfg.steps} steps × {cfg.batch_size} pairs over "
+            f"multi-reward Mix-DPO (K = 3, {gate}) and DPO runs, {cfg.steps} steps × {cfg.batch_size} pairs over "
             f"{cfg.num_train} training pairs{mix_note}; few-shot users: {c['users']} new users (3 groups × "
             f"{a.users_per_group}), {c['query_pairs']} query pairs per repeat, {a.repeats} context draws per user, "
             f"query set = each user's pairs after the first {shots[-1]}; temperature fitted on "

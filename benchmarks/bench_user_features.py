@@ -10,7 +10,7 @@ group (as bench_gate_collapse's task A), each user given features (`apps/dataset
 profile that decides the group, a country that is noise); held-out pairs relabelled to new users (ids ≥ 1000, their
 own features drawn the same way). Runs, all with the demo's moe_user settings (K = 3 heads on the frozen SFT trunk,
 MoE gate, em.lambda_global 1, ctx_steps × ctx_batch_size):
-- `user` (id embedding): an unseen user takes the shared no-user row;
+- `user` (id embedding): an unseen user takes the population prior, the mean of the training users' weights;
 - `user_features`, pool = group (p_pool 1): the features decide the group twice over;
 - `user_features`, p_pool 0.7: the pool is wrong for 30 % of users, the profile still decides.
 Gate routing = best-permutation accuracy of argmax w against the true group on the held-out pairs of the unseen

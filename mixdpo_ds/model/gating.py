@@ -234,7 +234,8 @@ class MoEGate(nn.Module):
                          chunk: int = 256) -> torch.Tensor:
         """(B, K) log w̄(x) = log (1/U) Σ_u w(x, u) over the U training users' rows: the prior of a user the
         training data did not have under the per-user model (one latent expert per user, z_u ~ w̄; docs/math.md
-        §13.5). The shared no-user row is no such prior: no training pair reaches it. `chunk` users per forward."""
+        §13.5). The shared no-user row is no such prior: only training pairs without a user reach it. `chunk` users
+        per forward."""
         if self.user_embedding is None or not self.num_users:
             raise ValueError("population_log_w needs a gate on user ids (gate.features …user) with training users")
         total = None

@@ -1,6 +1,6 @@
 """User features as gate inputs (`gate.features=user_features` / `prompt+user_features`; paper App. G): a gate
 that routes a user by what is known about them (age band, country, annotator pool, a numeric profile vector), so a
-user the training data never had is routed at once from their features, where an id embedding has one shared row.
+user the training data never had is routed at once from their features, where an id embedding gives them all one prior.
 
 Encoders are declared in the config (`gate.user_features`, one `UserFeatureSpec` per column):
 - categorical: the value's row of a learned embedding (`dim`); the declared `categories` each have a row, any other

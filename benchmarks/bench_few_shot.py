@@ -86,8 +86,8 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, a: dict) -> dict:
     rcfg = ReviewsConfig(task="multi", num_train=a["calibration_pairs"], num_sft=1, seed=10_000 + seed,
                          num_test=a["pairs_per_user"] * 3 * a["users_per_group"], users_per_group=a["users_per_group"])
     paths = write_task(rcfg, os.path.join(prep["root"], "data", "few_shot"))
-    for split in ("train", "test"):  # new users: ids the training data cannot have, so a user-id gate routes them
-        _rename_users(paths[split])  # by its shared no-user row, never by a training user's row of the same name
+    for split in ("train", "test"):  # new users: ids the training data cannot have, so a user-id gate gives them
+        _rename_users(paths[split])  # the population prior, never a training user's row of the same name
     mix_dir, dpo_dir = (os.path.dirname(runs[n]["export"]) for n in ("mixdpo", "dpo_multi"))
     cal_rows = score_pairs(mix_dir, paths["train"], batch_size=100)["rows"]
     rows = score_pairs(mix_dir, paths["test"], batch_size=100)["rows"]
@@ -299,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     # --mixdpo overrides change the Mix-DPO run only (its steps among them); the header says so
     mix_note = (f" (Mix-DPO with {' '.join(a.mixdpo)}; DPO as the demo's)" if a.mixdpo else "")
     mix_note += f"; demo fields {' '.join(a.demo)} for both" if a.demo else ""
-    gate = "a user-id gate" if "user" in str(parse_overrides(a.mixdpo).get("gate", {}).get("features", "")) else \
-        "global w" if "gate" not in parse_overrides(a.mixdpo) else "gate as set below"
+    gate_over = opts["mixdpo_overrides"].get("gate")
+    gate = ("global w" if gate_over is None else
+            "a user-id gate" if "user" in str(gate_over.get("features", "")) else "gate as set below")
     head = [f"### Few-shot personalisation of Mix-DPO ({a.seeds} seed(s): mean ± sd, worst seed)", "",
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, torch "
             f"{torch.__version__}, {a.workers} worker(s) × 1 thread); commit {commit()}; date "

@@ -181,8 +181,7 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
         log_w = gate(feats, users, batch_size=B, **({"user_features": encoded} if encoded is not None else {})) \
             if gate is not None else torch.full((B, K), -torch.log(
             torch.tensor(float(K))).item(), device=device)
-        unseen = torch.tensor([int(u) >= 0 and user_map.get(int(u), -1) < 0 for u in batch["user_ids"]],
-                              device=device)
+        unseen = (users < 0) & (batch["user_ids"].to(device) >= 0)  # a user value the training data did not have
         if population and unseen.any():
             log_w = torch.where(unseen[:, None], gate.population_log_w(feats, B), log_w)
         res = mixdpo_loss(as_pairs(out.logps, B), ref, log_w, beta, posterior_correction=cfg.em.posterior_correction,

@@ -229,15 +229,24 @@ class MoEGate(nn.Module):
     def net_dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
+    @property
+    def has_population_prior(self) -> bool:
+        """True for a gate on user ids with training users: a user the training data did not have is routed by
+        `population_log_w`, not by the shared no-user row."""
+        return self.user_embedding is not None and bool(self.num_users)
+
     @torch.no_grad()
     def population_log_w(self, prompt_features: torch.Tensor | None, batch_size: int,
                          chunk: int = 256) -> torch.Tensor:
         """(B, K) log w̄(x) = log (1/U) Σ_u w(x, u) over the U training users' rows: the prior of a user the
         training data did not have under the per-user model (one latent expert per user, z_u ~ w̄; docs/math.md
         §13.5). The shared no-user row is no such prior: only training pairs without a user reach it. `chunk` users
-        per forward."""
-        if self.user_embedding is None or not self.num_users:
+        per forward. Without prompt features (a gate on user ids only) w̄ is one vector, computed once and
+        expanded to the B rows."""
+        if not self.has_population_prior:
             raise ValueError("population_log_w needs a gate on user ids (gate.features …user) with training users")
+        if prompt_features is None and batch_size != 1:
+            return self.population_log_w(None, 1, chunk).expand(batch_size, -1)
         total = None
         for ids in torch.arange(self.num_users, device=self.user_embedding.weight.device).split(chunk):
             n = ids.numel()  # rows user-major: user j's copy of the batch is rows j·B..(j+1)·B-1

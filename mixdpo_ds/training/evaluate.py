@@ -156,16 +156,17 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
     user_names = {i: name for name, i in data.user_vocab.items()}
     unknown = [e for e in data.train if e["user"] >= 0 and user_map[e["user"]] < 0]
     by_features = _eval_user_features(gate, cfg, data_path)  # {user: features}, or None without user features
-    population = bool(unknown) and by_features is None and getattr(gate, "user_embedding", None) is not None
+    population = bool(unknown) and by_features is None and getattr(gate, "has_population_prior", False)
     if unknown and by_features is not None:
         log.info("evaluate: %d of %d pairs have a user the training data did not have; the gate routes them by "
                  "their features (gate.user_features)", len(unknown), len(data.train))
     elif unknown and gate is not None and getattr(gate.cfg, "uses_user", False):
         names = sorted({name for name, i in data.user_vocab.items() if user_map[i] < 0})
+        how = (f"the population prior, the mean of the {len(train_users)} training users' gate weights "
+               "(docs/math.md §13.5)") if population else "the shared no-user row (the training data had no users)"
         log.warning("evaluate: %d of %d pairs have a user the training data did not have (%d users, e.g. %s); the "
-                    "gate routes them by the population prior, the mean of the %d training users' gate weights "
-                    "(docs/math.md §13.5)", len(unknown), len(data.train), len(names),
-                    ", ".join(repr(n) for n in names[:5]), len(train_users))
+                    "gate routes them by %s", len(unknown), len(data.train), len(names),
+                    ", ".join(repr(n) for n in names[:5]), how)
     group_names = {i: name for name, i in data.group_vocab.items()}
     rows, examples = [], data.train
     non_finite = {"margins": 0, "w": 0}  # pairs with a NaN / inf expert margin, gate weight

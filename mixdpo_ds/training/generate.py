@@ -52,7 +52,7 @@ def gate_weights(export: Path, input_ids: torch.Tensor, user: str | None = None,
         log.warning("--user-features is ignored: the run's gate (gate.features=%s) does not route by user features",
                     gate.cfg.features)
     user_id = _user_id(gate, meta, user)
-    if user_id < 0 and getattr(gate, "user_embedding", None) is not None and gate.num_users:
+    if user_id < 0 and getattr(gate, "has_population_prior", False):
         log_w = gate.eval().population_log_w(feats, batch_size=1)  # no --user: the mean of the training users
     else:
         log_w = gate.eval()(feats, torch.tensor([user_id]), batch_size=1)  # (1, K)

@@ -158,8 +158,11 @@ def test_population_prior_by_hand():
         gate.net.bias.zero_()
     torch.testing.assert_close(gate.population_log_w(None, batch_size=3).exp(), torch.tensor([[0.375, 0.625]] * 3))
     torch.testing.assert_close(gate(None, torch.tensor([-1])).exp(), torch.softmax(torch.tensor([[0.0, 2.0]]), -1))
+    assert gate.has_population_prior
+    prompt_gate = build_gate(GateConfig(kind="moe", features="prompt"), 2, 4)
+    assert not prompt_gate.has_population_prior
     with pytest.raises(ValueError, match="needs a gate on user ids"):
-        build_gate(GateConfig(kind="moe", features="prompt"), 2, 4).population_log_w(torch.zeros(1, 4), 1)
+        prompt_gate.population_log_w(torch.zeros(1, 4), 1)
 
 
 def test_population_prior_with_prompt_features_is_the_mean_over_users_per_prompt():

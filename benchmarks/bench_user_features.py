@@ -4,6 +4,7 @@ the gate on `user_features` vs on the user-id embedding, evaluated on users disj
     python benchmarks/bench_user_features.py                                  # 3 seeds
     python benchmarks/bench_user_features.py --seeds 3 --append benchmarks/RESULTS.md
     python benchmarks/bench_user_features.py --fast --seeds 1                 # smoke test
+    python benchmarks/bench_user_features.py --first-seed 5 --seeds 5 --set train.max_steps=1000   # a variant
 
 Per seed: the demo's data + SFT (`prepare_seed`); the multi-reward training pairs with `--users-per-group` users per
 group (as bench_gate_collapse's task A), each user given features (`apps/datasets/user_profiles.py`: a pool, a 2-d
@@ -39,6 +40,7 @@ from mixdpo_ds.apps.datasets.tokenizer import build_review_tokenizer
 from mixdpo_ds.apps.datasets.user_profiles import add_user_features, user_feature_specs
 from mixdpo_ds.apps.demo import DemoConfig, _init_worker, _Inline, _quiet, prepare_seed, run_config, run_plan
 from mixdpo_ds.apps.report import fmt
+from mixdpo_ds.training.config import merge, parse_overrides
 
 VARIANTS = {"user id embedding": ("user", 1.0), "user features, pool = group": ("user_features", 1.0),
             "user features, pool right for 70 %": ("user_features", 0.7)}
@@ -73,7 +75,9 @@ def routing(rows: list[dict], K: int) -> float:
                              K, len(groups))["accuracy"]
 
 
-def one_run(cfg: DemoConfig, prep: dict, name: str, features: str, p_pool: float, users_per_group: int) -> dict:
+def one_run(cfg: DemoConfig, prep: dict, name: str, features: str, p_pool: float, users_per_group: int,
+            extra: dict | None = None) -> dict:
+    """One variant on one seed; `extra`: config overrides (nested dict, `--set`) merged last."""
     from mixdpo_ds.training.evaluate import score_pairs
     from mixdpo_ds.training.trainer import MixDPOTrainer
 
@@ -86,7 +90,7 @@ def one_run(cfg: DemoConfig, prep: dict, name: str, features: str, p_pool: float
     if features == "user_features":
         gate_over["user_features"] = user_feature_specs(3)
     run_cfg = run_config(cfg, prep["base_dir"], data["train"], os.path.join(root, "run"), K, gate, prep["seed"],
-                         {**over, "gate": {**over.get("gate", {}), **gate_over}})
+                         merge({**over, "gate": {**over.get("gate", {}), **gate_over}}, extra or {}))
     trainer = MixDPOTrainer(run_cfg)
     trainer.setup()
     try:
@@ -102,20 +106,23 @@ def one_run(cfg: DemoConfig, prep: dict, name: str, features: str, p_pool: float
     return out
 
 
-def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, users_per_group: int) -> dict:
+def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, users_per_group: int, extra: dict | None = None) -> dict:
     prep = prepare_seed(cfg, seed, tokenizer_dir)
-    res = {name: one_run(cfg, prep, name, f, p, users_per_group) for name, (f, p) in VARIANTS.items()}
+    res = {name: one_run(cfg, prep, name, f, p, users_per_group, extra) for name, (f, p) in VARIANTS.items()}
+    res["seed"] = seed
     shutil.rmtree(prep["root"], ignore_errors=True)
     return res
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| gate input | routing, unseen users | worst seed | routing, seen users | held-out acc, unseen | "
-             "held-out acc, seen | s / run |", "|---|---|---|---|---|---|---|"]
+    lines = ["| gate input | routing, unseen users | worst seed | per seed (" + ", ".join(str(r["seed"]) for r in results)
+             + ") | routing, seen users | held-out acc, unseen | held-out acc, seen | s / run |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         rs = [r[name] for r in results]
         un = [r["unseen"]["routing"] for r in rs]
-        lines.append(f"| {name} | {fmt(un)} | {min(un):.3f} | {fmt([r['seen']['routing'] for r in rs])} | "
+        lines.append(f"| {name} | {fmt(un)} | {min(un):.3f} | {' / '.join(f'{u:.3f}' for u in un)} | "
+                     f"{fmt([r['seen']['routing'] for r in rs])} | "
                      f"{fmt([r['unseen']['accuracy'] for r in rs])} | {fmt([r['seen']['accuracy'] for r in rs])} | "
                      f"{np.mean([r['seconds'] for r in rs]):.1f} |")
     return lines
@@ -124,6 +131,9 @@ def table(results: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first_seed … first_seed + seeds − 1")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run, e.g. train.max_steps=1000 gate.trust_region=0.2")
     p.add_argument("--users-per-group", type=int, default=10, help="training users per annotator group")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--fast", action="store_true", help="the demo's --fast sizes: a smoke test")
@@ -134,14 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     out = tempfile.mkdtemp(prefix="mixdpo_user_features_")
     cfg = DemoConfig(out=out, seeds=a.seeds, fast=a.fast, workers=a.workers, progress_bar=False)
     cfg.user_gate = True  # the moe_user run is the template
+    extra = parse_overrides(a.set)
+    steps = extra.get("train", {}).get("max_steps", cfg.ctx_steps)
     t0 = time.perf_counter()
     tokenizer_dir = os.path.join(out, "runs", "tokenizer")
     build_review_tokenizer(tokenizer_dir)
     pool = _Inline() if a.workers == 1 else ProcessPoolExecutor(max_workers=a.workers, mp_context=get_context("spawn"),
                                                                 initializer=_init_worker)
     try:
-        results = [f.result() for f in [pool.submit(seed_job, cfg, s, tokenizer_dir, a.users_per_group)
-                                        for s in range(a.seeds)]]
+        results = [f.result() for f in [pool.submit(seed_job, cfg, s, tokenizer_dir, a.users_per_group, extra)
+                                        for s in range(a.first_seed, a.first_seed + a.seeds)]]
     finally:
         pool.shutdown()
         shutil.rmtree(out, ignore_errors=True)
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU, torch "
             f"{torch.__version__}, {a.workers} worker(s) × 1 thread); commit {commit()}; date "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; command `{cmd}`; the demo's "
-            f"moe_user run (K = 3, MoE gate, {cfg.ctx_steps} steps × {cfg.ctx_batch_size} pairs over {cfg.num_train} "
+            f"moe_user run (K = 3, MoE gate, {steps} steps × {cfg.ctx_batch_size} pairs over {cfg.num_train} "
             f"training pairs of {3 * a.users_per_group} users); {cfg.num_test} held-out pairs of the training users "
             f"and {cfg.num_test} of {3 * a.users_per_group} new users; ceiling of routing: 1.0 (the profile decides "
             f"the group); chance 1/3; total {elapsed:.0f} s.", ""]

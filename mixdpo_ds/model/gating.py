@@ -56,7 +56,8 @@ class GateConfig:
                 "alike, q ≈ w) move the gate little instead of by ±lr"})
     hold_steps: int = field(default=0, metadata={
         "help": "moe: optimizer steps (after em.warmup_random_steps) during which the gate is not trained, so the "
-                "experts separate before the gate commits (a gate warm-up against lock-in)"})
+                "experts separate before the gate commits (a gate warm-up against lock-in; for gate.user_features "
+                "that may be noise, ~a quarter of the run: docs/math.md §14)"})
     trust_region: float = field(default=0.1, metadata={
         "help": "moe: ρ > 0 scales each gate step so that mean_i KL(w_i^new ‖ w_i) = ρ² · mean_i KL(q_i ‖ w_i) "
                 "(the gate moves about ρ of the way to the experts' posterior); while the experts are alike q ≈ w "

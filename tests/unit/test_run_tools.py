@@ -23,8 +23,10 @@ ROWS = [{"prompt": f"Question {i}?", "chosen": f" Good answer {i}.", "rejected":
          "user": USERS[i % 3], "group": "ab"[i % 2]} for i in range(6)]
 
 
-def make_run(root: Path, model_dir: str, tokenizer, gate: dict | None = None, nan: bool = False) -> Path:
-    """A run directory as `mixdpo train` leaves it: config.yaml and export/ (2 heads experts and the gate)."""
+def make_run(root: Path, model_dir: str, tokenizer, gate: dict | None = None, nan: bool = False,
+             users: list[str] = USERS) -> Path:
+    """A run directory as `mixdpo train` leaves it: config.yaml and export/ (2 heads experts and the gate);
+    `users`: the training data's users (the gate's user ids)."""
     run = root / "run"
     over = {"model.name_or_path": model_dir, "data.path": "unused.jsonl", "data.group_column": "group",
             "data.max_length": 48, "data.max_prompt_length": 24, "experts.num_experts": 2,
@@ -35,7 +37,7 @@ def make_run(root: Path, model_dir: str, tokenizer, gate: dict | None = None, na
     if nan:
         with torch.no_grad():
             policy.heads[1].fill_(float("nan"))  # expert 1 gives NaN log-probs
-    vocab = {u: i for i, u in enumerate(USERS)}
+    vocab = {u: i for i, u in enumerate(users)}
     g = build_gate(cfg.gate, 2, policy.config.hidden_size, num_users=len(vocab))
     export_experts(policy, g, str(run / "export"), tokenizer, user_vocab=vocab)
     return run
@@ -137,6 +139,27 @@ def test_unseen_users_take_the_mean_of_the_training_users_weights(tmp_path, tiny
     for i, u in enumerate(USERS):
         torch.testing.assert_close(by_user[u], rows_w[i])
     assert generate(str(run), "Hello", max_new_tokens=1)["w"] == pytest.approx(mean.tolist(), abs=1e-6)
+
+
+def test_a_user_gate_trained_without_users_routes_unknown_users_by_the_no_user_row(tmp_path, tiny_gpt2_dir,
+                                                                                   tiny_tokenizer, caplog):
+    """No training users: there is no population to average, so every user is new and takes the no-user row (the
+    one row such training reached), and the warning says so instead of naming a prior of 0 users."""
+    from mixdpo_ds.training.evaluate import score_pairs
+    from mixdpo_ds.training.export import load_export_gate
+
+    run = make_run(tmp_path, tiny_gpt2_dir, tiny_tokenizer, gate={"kind": "moe", "features": "user", "init": "random"},
+                   users=[])
+    gate, _ = load_export_gate(str(run / "export"))
+    assert not gate.has_population_prior
+    with torch.no_grad():
+        no_user = gate(None, torch.tensor([-1])).exp()[0]
+    with caplog.at_level(logging.WARNING, logger="mixdpo_ds.training.evaluate"):
+        scored = score_pairs(str(run), write_rows(tmp_path / "d.jsonl", ROWS))["rows"]
+    assert "the gate routes them by the shared no-user row (the training data had no users)" in caplog.text
+    for r in scored:
+        torch.testing.assert_close(torch.tensor(r["w"]), no_user)
+    assert generate(str(run), "Hello", max_new_tokens=1)["w"] == pytest.approx(no_user.tolist(), abs=1e-6)
 
 
 def test_evaluate_checks_max_length_against_the_model(user_run, tmp_path):

@@ -23,7 +23,9 @@ Checks: the run and its export must exist (an error names the missing directory)
 model's positions; evaluation users the training data did not have are counted (`unknown_users` in the summary,
 and a warning when the gate routes by user id: they take the population prior, the mean of the training users'
 gate weights (docs/math.md §13.5); a gate on user features
-routes every user by the features of the evaluated file, docs/ARCHITECTURE.md "User features"); pairs whose
+routes every user by the features of the evaluated file, docs/ARCHITECTURE.md "User features"); for a gate that
+routes by user, `gate_evidence` in the summary (and a warning) names the users whose own pairs favour another
+expert than the gate's (a gate locked into a wrong assignment, docs/math.md §14); pairs whose
 expert margins or gate weights are not finite (NaN / inf) make the evaluation fail with `NonFiniteError` after OUT
 and the summary (with `non_finite`) are written — their accuracy would read as a silent 0.
 """
@@ -35,6 +37,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mixdpo_ds.core.losses import mixdpo_loss
 from mixdpo_ds.core.personalize import decision_accuracy, expected_calibration_error, mixture_probability
@@ -201,7 +204,33 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
             non_finite["margins"] += int(bad_margin[i])
             non_finite["w"] += int(bad_w[i])
     return {"rows": rows, "K": K, "group_names": group_names, "unknown_users": len(unknown),
-            "non_finite": non_finite}
+            "non_finite": non_finite, "routes_by_user": gate is not None and getattr(gate.cfg, "uses_user", False)}
+
+
+def gate_evidence(rows: list[dict], K: int, min_pairs: int = 5) -> dict:
+    """Users whose own pairs outvote the gate: for each user with ≥ min_pairs rows, the posterior over experts from
+    all their pairs, log q_u ∝ log w̄_u + Σ_i log σ(Δ_ik) (w̄_u: the mean of the gate's weights on the user's rows;
+    the few-shot posterior of docs/math.md §13.1), against the gate's argmax w̄_u where the gate commits (w̄_uk > ½). A disagreement means the
+    experts fit that user better elsewhere than the gate routes them: the wrong-assignment lock-in of
+    docs/math.md §12 / §14, which no collapse detector sees. `mixdpo personalize` on those users' pairs fixes their
+    routing; retraining with `gate.hold_steps` avoids it."""
+    by_user: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("user") is not None:
+            by_user.setdefault(str(r["user"]), []).append(r)
+    checked, disagree = 0, []
+    for user, rs in sorted(by_user.items()):
+        if len(rs) < min_pairs:
+            continue
+        checked += 1
+        w = torch.tensor([r["w"] for r in rs], dtype=torch.float64).mean(0)                     # (K,)
+        loglik = F.logsigmoid(torch.tensor([r["margins"] for r in rs], dtype=torch.float64)).sum(0)  # (K,)
+        gate_k, post_k = int(w.argmax()), int((w.clamp_min(1e-300).log() + loglik).argmax())
+        if post_k != gate_k and w[gate_k] > 0.5:  # a gate that commits (w̄ > ½), not one still hedging
+            disagree.append({"user": user, "pairs": len(rs), "gate_expert": gate_k, "posterior_expert": post_k,
+                             "log_likelihood_ratio": float(loglik[post_k] - loglik[gate_k])})
+    return {"min_pairs": min_pairs, "users_checked": checked, "users_disagreeing": len(disagree),
+            "disagreements": disagree}
 
 
 def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str | None = None, batch_size: int = 8,
@@ -217,6 +246,15 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
             f.write(json.dumps(r) + "\n")
     summary = summarize(rows, K, scored["group_names"])
     summary["unknown_users"] = scored["unknown_users"]  # pairs whose user the training data did not have
+    if scored["routes_by_user"]:
+        ev = summary["gate_evidence"] = gate_evidence(rows, K)
+        if ev["users_disagreeing"]:
+            log.warning("evaluate: for %d of %d users (≥ %d pairs each) their own pairs favour another expert than "
+                        "the gate routes them to (e.g. %s); the gate is locked into a wrong assignment for them "
+                        "(docs/math.md §14). `mixdpo personalize` on their pairs re-routes them; a retrain with "
+                        "gate.hold_steps avoids it", ev["users_disagreeing"], ev["users_checked"], ev["min_pairs"],
+                        ", ".join(f"{d['user']!r}: expert {d['gate_expert']} → {d['posterior_expert']}"
+                                  for d in ev["disagreements"][:5]))
     if calibrated is not None:
         summary["calibrated"] = calibrated
     if any(non_finite.values()):

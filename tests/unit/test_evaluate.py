@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixdpo_ds.training.evaluate import best_matching, recovery_accuracy, summarize
+from mixdpo_ds.training.evaluate import best_matching, gate_evidence, recovery_accuracy, summarize
 
 
 def test_best_matching_hand_example():
@@ -40,3 +40,22 @@ def test_summary_accuracies():
     assert s["accuracy"] == 0.5 and s["expert_accuracy"] == [0.5, 1.0]
     assert s["per_group"]["a"]["accuracy"] == 1.0 and s["per_group"]["b"]["accuracy"] == 0.0
     assert s["recovery_accuracy"] == 1.0 and s["recovery"]["mapping"] == {"a": 0, "b": 1}
+
+
+def test_gate_evidence_by_hand():
+    """K = 2, the gate gives users a and b w = (0.9, 0.1). a's 5 pairs have margins (−1, 2): Σ log σ = 5·(−1.3133,
+    −0.1269) = (−6.566, −0.634); with log w: (−6.672, −2.937), so a's own pairs outvote the gate (log likelihood
+    ratio 5.932). b's margins (1, 0): (−1.566, −3.466) + log w agree with the gate. c has 4 pairs (< min_pairs),
+    d's gate hedges (0.5, 0.5) and is not counted as locked in; rows without a user are ignored."""
+    def rows(user, w, m, n):
+        return [{"user": user, "w": list(w), "margins": list(m)} for _ in range(n)]
+
+    data = (rows("a", (0.9, 0.1), (-1.0, 2.0), 5) + rows("b", (0.9, 0.1), (1.0, 0.0), 5)
+            + rows("c", (0.9, 0.1), (-1.0, 2.0), 4) + rows("d", (0.5, 0.5), (-1.0, 2.0), 5)
+            + rows(None, (0.9, 0.1), (-1.0, 2.0), 9))
+    ev = gate_evidence(data, K=2)
+    assert ev["users_checked"] == 3 and ev["users_disagreeing"] == 1
+    (d,) = ev["disagreements"]
+    assert (d["user"], d["pairs"], d["gate_expert"], d["posterior_expert"]) == ("a", 5, 0, 1)
+    assert d["log_likelihood_ratio"] == pytest.approx(5.932, abs=1e-3)
+    assert gate_evidence(data, K=2, min_pairs=4)["users_disagreeing"] == 2  # c counts too

@@ -114,6 +114,7 @@ def test_evaluate_counts_and_warns_about_unknown_users(user_run, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="mixdpo_ds.training.evaluate"):
         summary = evaluate_run(str(user_run), write_rows(tmp_path / "d.jsonl", rows), str(tmp_path / "e.jsonl"))
     assert summary["unknown_users"] == 2 and summary["n"] == 6
+    assert summary["gate_evidence"]["users_checked"] == 0  # a user-routing gate is checked; 2 pairs per user < 5
     assert ("evaluate: 2 of 6 pairs have a user the training data did not have (2 users, e.g. 'dave', 'erin'); "
             "the gate routes them by the population prior, the mean of the 3 training users' gate weights") \
         in caplog.text

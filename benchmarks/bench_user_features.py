@@ -16,6 +16,10 @@ MoE gate, em.lambda_global 1, ctx_steps × ctx_batch_size):
 - `user_features`, p_pool 0.7: the pool is wrong for 30 % of users, the profile still decides.
 Gate routing = best-permutation accuracy of argmax w against the true group on the held-out pairs of the unseen
 users (and, for reference, of the seen users' held-out pairs); held-out accuracy = the mixture's (Σ w σ(Δ) > ½).
+Misrouted users (argmax of their mean w is not their group's matched expert) against the users `mixdpo evaluate`'s
+`gate_evidence` flags (their own held-out pairs outvote a committed gate): how well the check finds a lock-in. An id
+embedding gives every unseen user the same prior, so two thirds of them count as misrouted there, and none is
+flagged (the prior does not commit).
 """
 from __future__ import annotations
 
@@ -67,12 +71,22 @@ def write_data(root: str, seed: int, cfg: DemoConfig, users_per_group: int, p_po
     return out
 
 
-def routing(rows: list[dict], K: int) -> float:
-    from mixdpo_ds.training.evaluate import recovery_accuracy
+def routing(rows: list[dict], K: int) -> dict:
+    """Best-permutation routing accuracy of argmax w; the misrouted users (argmax of their mean w not their group's
+    matched expert) and the users `gate_evidence` flags (their own pairs outvote the gate), as sorted name lists."""
+    from mixdpo_ds.training.evaluate import gate_evidence, recovery_accuracy
 
     groups = sorted({r["group"] for r in rows})
-    return recovery_accuracy([int(np.argmax(r["w"])) for r in rows], [groups.index(r["group"]) for r in rows],
-                             K, len(groups))["accuracy"]
+    rec = recovery_accuracy([int(np.argmax(r["w"])) for r in rows], [groups.index(r["group"]) for r in rows],
+                            K, len(groups))
+    by_user: dict[str, list[dict]] = {}
+    for r in rows:
+        by_user.setdefault(r["user"], []).append(r)
+    misrouted = sorted(u for u, rs in by_user.items()
+                       if int(np.argmax(np.mean([r["w"] for r in rs], 0))) != rec["mapping"].get(
+                           groups.index(rs[0]["group"])))
+    flagged = sorted(d["user"] for d in gate_evidence(rows, K)["disagreements"])
+    return {"accuracy": rec["accuracy"], "misrouted": misrouted, "flagged": flagged}
 
 
 def one_run(cfg: DemoConfig, prep: dict, name: str, features: str, p_pool: float, users_per_group: int,
@@ -100,7 +114,9 @@ def one_run(cfg: DemoConfig, prep: dict, name: str, features: str, p_pool: float
     out = {"seconds": 0.0}
     for split in ("seen", "unseen"):
         rows = score_pairs(os.path.join(root, "run"), data[split], batch_size=100)["rows"]
-        out[split] = {"routing": routing(rows, K), "accuracy": float(np.mean([r["p_mixture"] > 0.5 for r in rows]))}
+        rt = routing(rows, K)
+        out[split] = {"routing": rt["accuracy"], "misrouted": rt["misrouted"], "flagged": rt["flagged"],
+                      "accuracy": float(np.mean([r["p_mixture"] > 0.5 for r in rows]))}
     shutil.rmtree(root, ignore_errors=True)
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -114,16 +130,25 @@ def seed_job(cfg: DemoConfig, seed: int, tokenizer_dir: str, users_per_group: in
     return res
 
 
+def flag_summary(rs: list[dict]) -> str:
+    """'M misrouted, F flagged, B both' over seeds and both splits: how well gate_evidence finds misrouted users."""
+    mis = {(i, s, u) for i, r in enumerate(rs) for s in ("seen", "unseen") for u in r[s]["misrouted"]}
+    flag = {(i, s, u) for i, r in enumerate(rs) for s in ("seen", "unseen") for u in r[s]["flagged"]}
+    return f"{len(mis)} misrouted, {len(flag)} flagged, {len(mis & flag)} both"
+
+
 def table(results: list[dict]) -> list[str]:
     lines = ["| gate input | routing, unseen users | worst seed | per seed (" + ", ".join(str(r["seed"]) for r in results)
-             + ") | routing, seen users | held-out acc, unseen | held-out acc, seen | s / run |",
-             "|---|---|---|---|---|---|---|---|"]
+             + ") | routing, seen users | held-out acc, unseen | held-out acc, seen | misrouted users, flagged by "
+             "gate_evidence (all seeds, seen + unseen) | s / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:
         rs = [r[name] for r in results]
         un = [r["unseen"]["routing"] for r in rs]
         lines.append(f"| {name} | {fmt(un)} | {min(un):.3f} | {' / '.join(f'{u:.3f}' for u in un)} | "
                      f"{fmt([r['seen']['routing'] for r in rs])} | "
                      f"{fmt([r['unseen']['accuracy'] for r in rs])} | {fmt([r['seen']['accuracy'] for r in rs])} | "
+                     f"{flag_summary(rs)} | "
                      f"{np.mean([r['seconds'] for r in rs]):.1f} |")
     return lines
 

@@ -85,7 +85,7 @@ def routing(rows: list[dict], K: int) -> dict:
     misrouted = sorted(u for u, rs in by_user.items()
                        if int(np.argmax(np.mean([r["w"] for r in rs], 0))) != rec["mapping"].get(
                            groups.index(rs[0]["group"])))
-    flagged = sorted(d["user"] for d in gate_evidence(rows, K)["disagreements"])
+    flagged = sorted(d["user"] for d in gate_evidence(rows)["disagreements"])
     return {"accuracy": rec["accuracy"], "misrouted": misrouted, "flagged": flagged}
 
 
@@ -138,8 +138,9 @@ def flag_summary(rs: list[dict]) -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| gate input | routing, unseen users | worst seed | per seed (" + ", ".join(str(r["seed"]) for r in results)
-             + ") | routing, seen users | held-out acc, unseen | held-out acc, seen | misrouted users, flagged by "
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    lines = [f"| gate input | routing, unseen users | worst seed | per seed ({seeds}"
+             ") | routing, seen users | held-out acc, unseen | held-out acc, seen | misrouted users, flagged by "
              "gate_evidence (all seeds, seen + unseen) | s / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in VARIANTS:

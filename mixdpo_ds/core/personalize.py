@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scaled_margins", "user_posterior", "mixture_probability", "mixture_nll", "user_mixture_nll",
-           "fit_temperature",
-           "expected_calibration_error", "decision_accuracy"]
+__all__ = ["scaled_margins", "user_posterior", "user_log_posterior", "mixture_probability", "mixture_nll",
+           "user_mixture_nll", "fit_temperature", "expected_calibration_error", "decision_accuracy"]
 
 T_RANGE = (1e-3, 1e3)  # temperatures outside are clamped: a margin scaled by 1000 is already a hard decision
 
@@ -61,12 +60,17 @@ def user_posterior(log_w: Tensor, margins: Tensor, temperature: float | Tensor =
     chosen minus rejected (n = 0: q = w). Returns q (K,) on the simplex. Computed in log space, so a user with
     many pairs does not underflow.
     """
+    return user_log_posterior(log_w, margins, temperature).exp()
+
+
+def user_log_posterior(log_w: Tensor, margins: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """log q (K,) of `user_posterior`, exact where q itself would underflow (a user with many decisive pairs)."""
     if log_w.dim() != 1 or margins.dim() != 2 or margins.shape[1] != log_w.shape[0]:
         raise ValueError(f"user_posterior: log_w (K,) and margins (n, K), got {tuple(log_w.shape)} and "
                          f"{tuple(margins.shape)}")
     m = scaled_margins(margins, temperature)
     lw = log_w.to(m.dtype)
-    return torch.softmax(lw + F.logsigmoid(m).sum(0), dim=-1)
+    return torch.log_softmax(lw + F.logsigmoid(m).sum(0), dim=-1)
 
 
 def mixture_probability(log_w: Tensor, margins: Tensor, temperature: float | Tensor = 1.0) -> Tensor:

@@ -37,10 +37,14 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mixdpo_ds.core.losses import mixdpo_loss
-from mixdpo_ds.core.personalize import decision_accuracy, expected_calibration_error, mixture_probability
+from mixdpo_ds.core.personalize import (
+    decision_accuracy,
+    expected_calibration_error,
+    mixture_probability,
+    user_log_posterior,
+)
 from mixdpo_ds.training.batch import MODEL_KEYS, as_pairs, chosen_prompt_features, collate
 from mixdpo_ds.training.build import reference_paths
 from mixdpo_ds.training.config import load_config
@@ -207,13 +211,13 @@ def score_pairs(run_dir: str, data_path: str, group_column: str | None = None, b
             "non_finite": non_finite, "routes_by_user": gate is not None and getattr(gate.cfg, "uses_user", False)}
 
 
-def gate_evidence(rows: list[dict], K: int, min_pairs: int = 5) -> dict:
+def gate_evidence(rows: list[dict], min_pairs: int = 5) -> dict:
     """Users whose own pairs outvote the gate: for each user with ≥ min_pairs rows, the posterior over experts from
-    all their pairs, log q_u ∝ log w̄_u + Σ_i log σ(Δ_ik) (w̄_u: the mean of the gate's weights on the user's rows;
-    the few-shot posterior of docs/math.md §13.1), against the gate's argmax w̄_u where the gate commits (w̄_uk > ½). A disagreement means the
-    experts fit that user better elsewhere than the gate routes them: the wrong-assignment lock-in of
-    docs/math.md §12 / §14, which no collapse detector sees. `mixdpo personalize` on those users' pairs fixes their
-    routing; retraining with `gate.hold_steps` avoids it."""
+    all their pairs (`core.personalize.user_log_posterior`, T = 1: the few-shot posterior of docs/math.md §13.1 with
+    the prior w̄_u, the mean gate weight on the user's rows, as `mixdpo personalize`), against the gate's argmax w̄_u
+    where the gate commits (w̄_uk > ½). A disagreement means the experts fit that user better elsewhere than the
+    gate routes them: the wrong-assignment lock-in of docs/math.md §12 / §14, which no collapse detector sees. `mixdpo personalize` on
+    those users' pairs fixes their routing; retraining with `gate.hold_steps` avoids it."""
     by_user: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("user") is not None:
@@ -223,12 +227,13 @@ def gate_evidence(rows: list[dict], K: int, min_pairs: int = 5) -> dict:
         if len(rs) < min_pairs:
             continue
         checked += 1
-        w = torch.tensor([r["w"] for r in rs], dtype=torch.float64).mean(0)                     # (K,)
-        loglik = F.logsigmoid(torch.tensor([r["margins"] for r in rs], dtype=torch.float64)).sum(0)  # (K,)
-        gate_k, post_k = int(w.argmax()), int((w.clamp_min(1e-300).log() + loglik).argmax())
-        if post_k != gate_k and w[gate_k] > 0.5:  # a gate that commits (w̄ > ½), not one still hedging
+        prior = torch.tensor([r["w"] for r in rs], dtype=torch.float64).mean(0).clamp_min(1e-300).log()  # (K,)
+        log_q = user_log_posterior(prior, torch.tensor([r["margins"] for r in rs], dtype=torch.float64))  # (K,)
+        gate_k, post_k = int(prior.argmax()), int(log_q.argmax())
+        if post_k != gate_k and prior[gate_k].exp() > 0.5:  # a gate that commits (w̄ > ½), not one still hedging
+            ratio = (log_q[post_k] - log_q[gate_k]) - (prior[post_k] - prior[gate_k])  # Σ_i log σ(Δ) difference
             disagree.append({"user": user, "pairs": len(rs), "gate_expert": gate_k, "posterior_expert": post_k,
-                             "log_likelihood_ratio": float(loglik[post_k] - loglik[gate_k])})
+                             "log_likelihood_ratio": float(ratio)})
     return {"min_pairs": min_pairs, "users_checked": checked, "users_disagreeing": len(disagree),
             "disagreements": disagree}
 
@@ -247,7 +252,7 @@ def evaluate_run(run_dir: str, data_path: str, out_path: str, group_column: str 
     summary = summarize(rows, K, scored["group_names"])
     summary["unknown_users"] = scored["unknown_users"]  # pairs whose user the training data did not have
     if scored["routes_by_user"]:
-        ev = summary["gate_evidence"] = gate_evidence(rows, K)
+        ev = summary["gate_evidence"] = gate_evidence(rows)
         if ev["users_disagreeing"]:
             log.warning("evaluate: for %d of %d users (≥ %d pairs each) their own pairs favour another expert than "
                         "the gate routes them to (e.g. %s); the gate is locked into a wrong assignment for them "

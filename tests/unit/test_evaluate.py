@@ -53,9 +53,9 @@ def test_gate_evidence_by_hand():
     data = (rows("a", (0.9, 0.1), (-1.0, 2.0), 5) + rows("b", (0.9, 0.1), (1.0, 0.0), 5)
             + rows("c", (0.9, 0.1), (-1.0, 2.0), 4) + rows("d", (0.5, 0.5), (-1.0, 2.0), 5)
             + rows(None, (0.9, 0.1), (-1.0, 2.0), 9))
-    ev = gate_evidence(data, K=2)
+    ev = gate_evidence(data)
     assert ev["users_checked"] == 3 and ev["users_disagreeing"] == 1
     (d,) = ev["disagreements"]
     assert (d["user"], d["pairs"], d["gate_expert"], d["posterior_expert"]) == ("a", 5, 0, 1)
     assert d["log_likelihood_ratio"] == pytest.approx(5.932, abs=1e-3)
-    assert gate_evidence(data, K=2, min_pairs=4)["users_disagreeing"] == 2  # c counts too
+    assert gate_evidence(data, min_pairs=4)["users_disagreeing"] == 2  # c counts too

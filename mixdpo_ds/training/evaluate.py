@@ -216,8 +216,8 @@ def gate_evidence(rows: list[dict], min_pairs: int = 5) -> dict:
     all their pairs (`core.personalize.user_log_posterior`, T = 1: the few-shot posterior of docs/math.md §13.1 with
     the prior w̄_u, the mean gate weight on the user's rows, as `mixdpo personalize`), against the gate's argmax w̄_u
     where the gate commits (w̄_uk > ½). A disagreement means the experts fit that user better elsewhere than the
-    gate routes them: the wrong-assignment lock-in of docs/math.md §12 / §14, which no collapse detector sees. `mixdpo personalize` on
-    those users' pairs fixes their routing; retraining with `gate.hold_steps` avoids it."""
+    gate routes them: the wrong-assignment lock-in of docs/math.md §12 / §14, which no collapse detector sees.
+    `mixdpo personalize` on those users' pairs fixes their routing; retraining with `gate.hold_steps` avoids it."""
     by_user: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("user") is not None:
